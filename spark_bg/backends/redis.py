@@ -1,0 +1,419 @@
+"""Redis backend: the production store, shared by any number of web processes and workers.
+
+Each change is one Lua script on one queue's keys (see `redis_scripts`), so it is atomic and
+stays in one cluster slot. A flush is one round trip whatever the number of jobs; a worker takes
+up to `count` jobs per round trip.
+
+Waiting for jobs uses `BLMOVE ready ready RIGHT RIGHT`, which blocks until the list has an
+element and then moves it from the tail back to the tail: it returns at once when a job arrives
+but takes nothing. The claim script then takes the jobs. A wait cut short (cancelled, timed out,
+connection lost) therefore never loses a job, and the block lasts at most
+`BLOCK_S` seconds, well under redis-py's default 5 s socket timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from spark_bg import encoding
+from spark_bg.backends import failed_limits_from_options, reject_unknown_options
+from spark_bg.backends import redis_scripts as scripts
+from spark_bg.backends.base import (
+    Backend,
+    Delivery,
+    FailedJob,
+    FailedStoreLimits,
+    Message,
+    QueueCounts,
+)
+from spark_bg.errors import BackendError, ConfigurationError
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "spark"
+
+BLOCK_S = 1.0
+"""Longest single blocking wait; a longer `pop()` timeout loops."""
+
+# redis-py retries a command whose connection failed; keep that short, because the worker and
+# the middleware retry on their own with logging.
+_COMMAND_RETRIES = 2
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+# Settings a redis:// URL may carry beside those redis-py itself reads.
+_OWN_OPTIONS = ("prefix",)
+_CLIENT_OPTIONS = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "health_check_interval",
+    "max_connections",
+    "client_name",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
+
+
+def check_queue_name(name: str) -> str:
+    """Return `name` if it can be a queue name, else raise `ConfigurationError`."""
+    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+        raise ConfigurationError(
+            f"invalid queue name {name!r}: use 1 to 200 letters, digits, '_', '.', ':' or '-'"
+        )
+    return name
+
+
+class RedisBackend(Backend):
+    """Jobs in Redis 7.0 or later, under `prefix` with a hash tag per queue."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        failed_limits: FailedStoreLimits | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.failed_limits = failed_limits or FailedStoreLimits()
+        self._client_url = url
+        self._client: aioredis.Redis | None = None
+        self._blocking: aioredis.Redis | None = None
+        self._waiters: dict[str, asyncio.Task[Any]] = {}
+        self._keys: dict[str, list[str]] = {}
+        self._scripts: dict[str, AsyncScript] = {}
+
+    @classmethod
+    def from_url(cls, url: str, options: dict[str, str]) -> RedisBackend:
+        """Build from a `redis://` or `rediss://` URL and its parsed query settings."""
+        limits = failed_limits_from_options(url, options)
+        reject_unknown_options(url, options, _OWN_OPTIONS + _CLIENT_OPTIONS)
+        prefix = options.pop("prefix", DEFAULT_PREFIX)
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(
+                f"invalid prefix {prefix!r} in queue URL {url!r}: use a non-empty name "
+                "without braces"
+            )
+        parts = urlsplit(url)
+        client_url = urlunsplit(parts._replace(query=urlencode(options)))
+        backend = cls(url, prefix=prefix, failed_limits=limits)
+        backend._client_url = client_url
+        return backend
+
+    def clone(self) -> RedisBackend:
+        """Return an unopened backend with the same settings."""
+        twin = RedisBackend(self.url, prefix=self.prefix, failed_limits=self.failed_limits)
+        twin._client_url = self._client_url
+        return twin
+
+    def _make_client(self, *, blocking: bool) -> aioredis.Redis:
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), _COMMAND_RETRIES)
+        return aioredis.Redis.from_url(
+            self._client_url,
+            protocol=2,
+            decode_responses=False,
+            retry=retry,
+            # A blocking wait lasts BLOCK_S; the socket timeout must exceed it.
+            socket_timeout=BLOCK_S + 4.0 if blocking else 5.0,
+        )
+
+    async def open(self) -> None:
+        """Connect and check the server answers; raise `BackendError` if it does not."""
+        if self._client is not None:
+            return
+        self._client = self._make_client(blocking=False)
+        self._blocking = self._make_client(blocking=True)
+        for name in (
+            "PUSH",
+            "CLAIM",
+            "ACK",
+            "RETRY",
+            "FAIL",
+            "RELEASE",
+            "RENEW",
+            "RECOVER",
+            "RETRY_FAILED",
+            "DELETE_FAILED",
+            "COUNTS",
+        ):
+            self._scripts[name] = self._client.register_script(getattr(scripts, name))
+        try:
+            await self._client.ping()
+        except RedisError as exc:
+            await self.close()
+            raise BackendError(f"cannot connect to Redis at {_safe_url(self.url)}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Cancel waits in progress and close both connection pools."""
+        for task in self._waiters.values():
+            task.cancel()
+        for task in self._waiters.values():
+            with contextlib.suppress(BaseException):
+                await task
+        self._waiters.clear()
+        for client in (self._client, self._blocking):
+            if client is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+        self._client = None
+        self._blocking = None
+
+    def keys(self, queue: str) -> list[str]:
+        """Return the keys of `queue`, in the order every script expects."""
+        keys = self._keys.get(queue)
+        if keys is None:
+            check_queue_name(queue)
+            keys = [f"{self.prefix}:{{{queue}}}:{name}" for name in scripts.KEY_NAMES]
+            self._keys[queue] = keys
+        return keys
+
+    def _connected(self) -> aioredis.Redis:
+        if self._client is None:
+            raise BackendError("the Redis backend is not open; call `await backend.open()` first")
+        return self._client
+
+    async def _run(self, name: str, queue: str, args: Sequence[Any]) -> Any:
+        self._connected()
+        try:
+            return await self._scripts[name](keys=self.keys(queue), args=args)
+        except RedisError as exc:
+            raise BackendError(f"Redis {name.lower()} on queue {queue!r} failed: {exc}") from exc
+
+    async def enqueue(self, messages: Sequence[Message]) -> None:
+        """Store `messages` with one script call per queue, all in one round trip."""
+        client = self._connected()
+        by_queue: dict[str, list[Any]] = {}
+        for message in messages:
+            args = by_queue.setdefault(message.queue, [])
+            if message.delay_s is not None:
+                args += (message.id, message.payload, "d", int(message.delay_s * 1000))
+            elif message.run_at is not None:
+                args += (message.id, message.payload, "a", int(message.run_at * 1000))
+            else:
+                args += (message.id, message.payload, "n", 0)
+        if not by_queue:
+            return
+        try:
+            if len(by_queue) == 1:
+                [(queue, args)] = by_queue.items()
+                await self._scripts["PUSH"](keys=self.keys(queue), args=args)
+                return
+            async with client.pipeline(transaction=False) as pipe:
+                for queue, args in by_queue.items():
+                    await self._scripts["PUSH"](keys=self.keys(queue), args=args, client=pipe)
+                await pipe.execute()
+        except RedisError as exc:
+            raise BackendError(f"Redis push of {len(messages)} jobs failed: {exc}") from exc
+
+    async def _claim(
+        self, queue: str, worker_id: str, count: int, lease_s: float
+    ) -> tuple[list[Delivery], float | None]:
+        reply = await self._run("CLAIM", queue, (worker_id, count, int(lease_s * 1000)))
+        if len(reply) == 1:
+            next_due_ms = int(reply[0])
+            return [], None if next_due_ms < 0 else next_due_ms / 1000
+        deliveries = [
+            Delivery(
+                id=reply[i].decode(),
+                queue=queue,
+                payload=reply[i + 1],
+                attempt=int(reply[i + 2]),
+                deliveries=int(reply[i + 3]),
+            )
+            for i in range(0, len(reply), 4)
+        ]
+        return deliveries, None
+
+    async def pop(
+        self,
+        queues: Sequence[str],
+        worker_id: str,
+        *,
+        count: int,
+        lease_s: float,
+        timeout_s: float,
+    ) -> list[Delivery]:
+        """Claim up to `count` jobs, queues in priority order, waiting up to `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            taken: list[Delivery] = []
+            next_due_s: float | None = None
+            for queue in queues:
+                claimed, due_s = await self._claim_safely(
+                    queue, worker_id, count - len(taken), lease_s, taken
+                )
+                taken += claimed
+                if due_s is not None:
+                    next_due_s = due_s if next_due_s is None else min(next_due_s, due_s)
+                if len(taken) >= count:
+                    break
+            remaining = deadline - loop.time()
+            if taken or remaining <= 0:
+                return taken
+            wait_s = remaining if next_due_s is None else min(remaining, next_due_s)
+            await self._wait_for_any(queues, wait_s)
+
+    async def _claim_safely(
+        self, queue: str, worker_id: str, count: int, lease_s: float, taken: list[Delivery]
+    ) -> tuple[list[Delivery], float | None]:
+        """Claim, and if the caller is cancelled meanwhile, put every claimed job back."""
+        claim = asyncio.ensure_future(self._claim(queue, worker_id, count, lease_s))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            claimed: list[Delivery] = []
+            with contextlib.suppress(Exception):
+                claimed, _ = await claim
+            with contextlib.suppress(Exception):
+                await self.release(worker_id, taken + claimed)
+            raise
+
+    async def _wait_for_any(self, queues: Sequence[str], timeout_s: float) -> None:
+        """Return when a ready list of `queues` may have jobs, or after `timeout_s`."""
+        if timeout_s <= 0:
+            return
+        blocking = self._blocking
+        if blocking is None:
+            raise BackendError("the Redis backend is not open; call `await backend.open()` first")
+        block_s = max(0.01, min(BLOCK_S, timeout_s))
+        for queue in queues:
+            if queue not in self._waiters:
+                ready = self.keys(queue)[0]
+                # Waits still running from an earlier call are reused: each holds a connection.
+                self._waiters[queue] = asyncio.ensure_future(
+                    blocking.execute_command(  # type: ignore[no-untyped-call]
+                        "BLMOVE", ready, ready, "RIGHT", "RIGHT", block_s
+                    )
+                )
+        done, _ = await asyncio.wait(
+            self._waiters.values(), timeout=block_s + 1.0, return_when=asyncio.FIRST_COMPLETED
+        )
+        for queue, task in list(self._waiters.items()):
+            if task in done:
+                del self._waiters[queue]
+                error = task.exception()
+                if error is not None:
+                    raise BackendError(f"Redis wait on queue {queue!r} failed: {error}") from error
+
+    async def ack(self, worker_id: str, deliveries: Sequence[Delivery]) -> list[str]:
+        """Delete finished jobs, one script call per queue in one round trip."""
+        lost: list[str] = []
+        for queue, ids in _ids_by_queue(deliveries).items():
+            reply = await self._run("ACK", queue, [worker_id, *ids])
+            lost += [item.decode() for item in reply]
+        return lost
+
+    async def retry(self, worker_id: str, delivery: Delivery, delay_s: float) -> bool:
+        """Schedule the next attempt in `delay_s` seconds of the server's clock."""
+        args = (worker_id, delivery.id, int(delay_s * 1000))
+        return bool(await self._run("RETRY", delivery.queue, args))
+
+    async def fail(self, worker_id: str, delivery: Delivery, error: str) -> bool:
+        """Move the job to the failed store, trimmed to its bounds."""
+        limits = self.failed_limits
+        args = (worker_id, delivery.id, error, limits.max_count, int(limits.max_age_s * 1000))
+        return bool(await self._run("FAIL", delivery.queue, args))
+
+    async def release(self, worker_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Return jobs to the front of their queue, their delivery not charged."""
+        for queue, ids in _ids_by_queue(deliveries).items():
+            await self._run("RELEASE", queue, [worker_id, *ids])
+
+    async def renew(
+        self, worker_id: str, deliveries: Sequence[Delivery], lease_s: float
+    ) -> list[str]:
+        """Push back the lease deadline of every job `worker_id` holds."""
+        lost: list[str] = []
+        for queue, ids in _ids_by_queue(deliveries).items():
+            reply = await self._run("RENEW", queue, [worker_id, int(lease_s * 1000), *ids])
+            lost += [item.decode() for item in reply]
+        return lost
+
+    async def recover(self, queues: Sequence[str], max_deliveries: int) -> list[str]:
+        """Requeue or fail jobs whose lease expired, and promote due delayed jobs."""
+        limits = self.failed_limits
+        moved: list[str] = []
+        for queue in queues:
+            args = (max_deliveries, limits.max_count, int(limits.max_age_s * 1000))
+            reply = await self._run("RECOVER", queue, args)
+            moved += [item.decode() for item in reply]
+        return moved
+
+    async def list_failed(self, queue: str, limit: int = 100) -> list[FailedJob]:
+        """Return up to `limit` failed jobs, newest first."""
+        client = self._connected()
+        keys = dict(zip(scripts.KEY_NAMES, self.keys(queue), strict=True))
+        try:
+            entries: Any = await client.zrange(
+                keys["failed"], 0, limit - 1, desc=True, withscores=True
+            )
+            if not entries:
+                return []
+            ids = [member for member, _ in entries]
+            payloads: Any = await client.hmget(keys["jobs"], ids)
+            infos: Any = await client.hmget(keys["failinfo"], ids)
+        except RedisError as exc:
+            raise BackendError(f"Redis listing of failed jobs of {queue!r} failed: {exc}") from exc
+        failed = []
+        for (member, score), payload, info in zip(entries, payloads, infos, strict=True):
+            details = encoding.loads(info) if info else {}
+            failed.append(
+                FailedJob(
+                    id=member.decode(),
+                    queue=queue,
+                    payload=payload or b"",
+                    error=str(details.get("error", "")),
+                    attempts=int(details.get("attempts", 1)),
+                    failed_at=score / 1000,
+                )
+            )
+        return failed
+
+    async def retry_failed(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        """Requeue failed jobs with a fresh attempt count."""
+        args = ["1"] if ids is None else ["0", *ids]
+        return int(await self._run("RETRY_FAILED", queue, args))
+
+    async def delete_failed(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        """Delete failed jobs and their payloads."""
+        args = ["1"] if ids is None else ["0", *ids]
+        return int(await self._run("DELETE_FAILED", queue, args))
+
+    async def counts(self, queue: str) -> QueueCounts:
+        """Return the number of jobs of `queue` in each state."""
+        ready, delayed, active, failed = await self._run("COUNTS", queue, ())
+        return QueueCounts(ready=ready, delayed=delayed, active=active, failed=failed)
+
+
+def _ids_by_queue(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for delivery in deliveries:
+        grouped.setdefault(delivery.queue, []).append(delivery.id)
+    return grouped
+
+
+def _safe_url(url: str) -> str:
+    """Return `url` with any password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

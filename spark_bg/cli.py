@@ -1,0 +1,208 @@
+"""The `spark-worker` command: parse options, configure logging, build the worker, run it.
+
+`spark-worker TARGET` imports TARGET (`module:attribute`, looked up from the working
+directory) and uses its queue: a `spark_bg.Queue`, a backend, or a Starlette app whose
+`QueueMiddleware` names one. `--url` names a backend directly instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from spark_bg.backends import Backend
+from spark_bg.errors import SparkError
+from spark_bg.middleware import QueueMiddleware
+from spark_bg.queue import URL_ENV, Queue
+from spark_bg.worker import Worker, WorkerSettings
+
+__all__ = ["load_queue", "main"]
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def import_target(target: str) -> Any:
+    """Import `module:attribute` (dots allowed in the attribute) and return the object."""
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise click.UsageError(
+            f"invalid TARGET {target!r}: expected 'module:attribute', e.g. 'myapp.main:app'"
+        )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.UsageError(f"cannot import module {module_name!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.UsageError(
+                f"module {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    return obj
+
+
+def load_queue(obj: Any) -> Queue:
+    """Return the queue that `obj` (a Queue, a Backend or a Starlette app) is configured with."""
+    if isinstance(obj, Queue):
+        return obj
+    if isinstance(obj, Backend):
+        return Queue(obj)
+    if isinstance(obj, QueueMiddleware):
+        if obj.queue is None:
+            raise click.UsageError(str(obj.error))
+        return obj.queue
+    for middleware in getattr(obj, "user_middleware", None) or ():
+        if getattr(middleware, "cls", None) is QueueMiddleware:
+            options = dict(middleware.kwargs)
+            configured = options.get("queue", middleware.args[0] if middleware.args else None)
+            return configured if isinstance(configured, Queue) else Queue(configured)
+    raise click.UsageError(
+        f"TARGET is a {type(obj).__qualname__}, not a spark_bg.Queue nor a Starlette app with "
+        "QueueMiddleware; point it at one, or pass --url"
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("target", required=False)
+@click.option(
+    "--url",
+    envvar=URL_ENV,
+    help=f"Backend URL (redis://, rediss://, sqlite:///, memory://); env {URL_ENV}.",
+)
+@click.option(
+    "--queues",
+    "-q",
+    default="default",
+    show_default=True,
+    help="Comma-separated queues, highest priority first.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Jobs run at the same time.",
+)
+@click.option("--burst", is_flag=True, help="Run the jobs ready now, then exit.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option(
+    "--lease",
+    "lease_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="Seconds a job stays assigned without a heartbeat before it can be recovered.",
+)
+@click.option(
+    "--sweep-interval",
+    "sweep_interval_s",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between checks for jobs of dead workers.",
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Seconds running jobs get on shutdown before they are returned to their queue.",
+)
+@click.option(
+    "--max-deliveries",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Times a job may be handed out without finishing before it is failed.",
+)
+@click.option(
+    "--jobs-from",
+    multiple=True,
+    help="Package job classes may be imported from (repeatable); TARGET's package is included.",
+)
+def main(
+    target: str | None,
+    url: str | None,
+    queues: str,
+    concurrency: int,
+    burst: bool,
+    log_level: str,
+    lease_s: float,
+    sweep_interval_s: float,
+    grace_s: float,
+    max_deliveries: int,
+    jobs_from: tuple[str, ...],
+) -> None:
+    """Run background jobs from the queue that TARGET (module:attribute) is configured with."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    packages = list(jobs_from)
+    if target is None and not url:
+        raise click.UsageError("give a TARGET such as 'myapp.main:app', or --url")
+    try:
+        if target is not None:
+            obj = import_target(target)
+            packages.append(target.partition(":")[0].split(".")[0])
+            queue = Queue(url) if url else load_queue(obj)
+        else:
+            queue = Queue(url)
+    except SparkError as exc:
+        raise click.UsageError(str(exc)) from exc
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    settings = WorkerSettings(
+        queues=names,
+        concurrency=concurrency,
+        burst=burst,
+        lease_s=lease_s,
+        sweep_interval_s=sweep_interval_s,
+        grace_s=grace_s,
+        max_deliveries=max_deliveries,
+        jobs_from=packages,
+    )
+    worker = Worker(queue, settings)
+    try:
+        asyncio.run(_serve(worker))
+    except SparkError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    logging.shutdown()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+        # A sync job thread outlived the grace period; its job was returned to the queue.
+        os._exit(0)
+
+
+async def _serve(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_sigint() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            logger.warning("second interrupt: exiting at once; leases will recover running jobs")
+            logging.shutdown()
+            os._exit(1)
+        worker.stop()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    await worker.run()

@@ -1,0 +1,140 @@
+"""`QueueMiddleware`: a pure ASGI middleware that sends a request's jobs after its response.
+
+For each HTTP request it makes a fresh buffer the target of `request.app.state.queue.push()`;
+async endpoints, sync endpoints (run in a thread with a copy of the context) and Starlette
+BackgroundTasks all reach it. Once the app has returned, which under uvicorn is after the client
+has the full response and after the BackgroundTasks ran, the buffer is flushed in one round trip
+or dropped:
+
+- response complete with a status below 400: every job is sent;
+- the app raised, the response was incomplete, or the status is 400 or more: only the jobs
+  pushed with `always=True` are sent.
+
+A failed flush is retried briefly, then logged at ERROR with every job id; it never raises into
+the server. The lifespan opens the backend (an unreachable backend or an invalid URL fails
+startup) and, at shutdown, sends what is left and closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from spark_bg.errors import ConfigurationError, SparkError
+from spark_bg.queue import Queue
+
+__all__ = ["QueueMiddleware"]
+
+logger = logging.getLogger(__name__)
+
+
+class QueueMiddleware:
+    """Give the app a job queue at `app.state.queue` and flush it after each response.
+
+    `queue` is a URL (`redis://`, `rediss://`, `sqlite:///path`, `memory://`), a `Queue`, or
+    `None` for `$SPARK_QUEUE_URL` and then the SQLite default.
+    """
+
+    def __init__(self, app: ASGIApp, queue: str | Queue | None = None) -> None:
+        self.app = app
+        self.queue: Queue | None = None
+        self.error: ConfigurationError | None = None
+        # Starlette builds the middleware stack inside the first ASGI call, where an exception
+        # would not fail uvicorn's startup; the error is reported by the lifespan instead.
+        try:
+            self.queue = queue if isinstance(queue, Queue) else Queue(queue)
+        except ConfigurationError as exc:
+            self.error = exc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        queue = self._configured_queue()
+        _publish(scope, queue)
+        if kind != "http":
+            # Websockets and other scopes get no buffer: their pushes are sent at once.
+            await self.app(scope, receive, send)
+            return
+
+        buffer, token = queue.open_buffer()
+        status: int | None = None
+        complete = False
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, complete
+            message_type = message["type"]
+            if message_type == "http.response.start":
+                status = message["status"]
+            elif message_type == "http.response.body":
+                complete = not message.get("more_body", False)
+            elif message_type == "http.response.pathsend":
+                complete = True
+            await send(message)
+
+        succeeded = False
+        try:
+            await self.app(scope, receive, send_and_watch)
+            succeeded = complete and status is not None and status < 400
+        finally:
+            Queue.close_buffer(buffer, token)
+            messages = buffer.messages(succeeded=succeeded)
+            dropped = len(buffer.entries) - len(messages)
+            if dropped:
+                logger.info(
+                    "dropped %d jobs of a failed request (status %s): %s",
+                    dropped,
+                    status,
+                    " ".join(m.id for m, always in buffer.entries if not always),
+                )
+            if messages:
+                await queue.send(messages, context=f"during {scope.get('path', 'a request')}")
+
+    def _configured_queue(self) -> Queue:
+        if self.queue is None:
+            assert self.error is not None
+            raise self.error
+        return self.queue
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        queue = self.queue
+        if queue is not None:
+            _publish(scope, queue)
+
+        async def send_after_opening(message: Message) -> None:
+            message_type = message["type"]
+            if message_type == "lifespan.startup.complete":
+                failure = await self._open()
+                if failure is not None:
+                    await send({"type": "lifespan.startup.failed", "message": failure})
+                    return
+            elif message_type == "lifespan.shutdown.complete" and queue is not None:
+                await queue.aclose()
+            await send(message)
+
+        await self.app(scope, receive, send_after_opening)
+
+    async def _open(self) -> str | None:
+        """Open the backend; return a message for uvicorn if that failed."""
+        if self.queue is None:
+            assert self.error is not None
+            logger.error("spark_bg QueueMiddleware: %s", self.error)
+            return f"spark_bg QueueMiddleware: {self.error}"
+        try:
+            await self.queue.open()
+        except SparkError as exc:
+            logger.error("spark_bg QueueMiddleware cannot open %s: %s", self.queue.url, exc)
+            return f"spark_bg QueueMiddleware cannot open {self.queue.url}: {exc}"
+        logger.info("spark_bg queue open: %s", self.queue.url)
+        return None
+
+
+def _publish(scope: Scope, queue: Queue) -> None:
+    """Make the queue reachable as `request.app.state.queue`."""
+    app: Any = scope.get("app")
+    state = getattr(app, "state", None)
+    if state is not None and getattr(state, "queue", None) is not queue:
+        state.queue = queue
