@@ -1,4 +1,6 @@
-"""The `spark-worker` command: parse options, configure logging, build the worker, run it.
+"""The command line: `spark-worker` runs jobs, `spark-jobs` inspects queues and failed jobs.
+
+`spark-worker` parses options, configures logging, builds the worker and runs it.
 
 `spark-worker TARGET` imports TARGET (`module:attribute`, looked up from the working
 directory) and uses its queue: a `spark_bg.Queue`, a backend, or a Starlette app whose
@@ -14,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -24,7 +27,7 @@ from spark_bg.middleware import QueueMiddleware
 from spark_bg.queue import URL_ENV, Queue
 from spark_bg.worker import Worker, WorkerSettings
 
-__all__ = ["load_queue", "main"]
+__all__ = ["jobs", "load_queue", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +209,105 @@ async def _serve(worker: Worker) -> None:
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     await worker.run()
+
+
+def _admin_queue(target: str | None, url: str | None) -> Queue:
+    if target is None and not url:
+        raise click.UsageError("give a TARGET such as 'myapp.main:app', or --url")
+    try:
+        return Queue(url) if url else load_queue(import_target(str(target)))
+    except SparkError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+_target_argument = click.argument("target", required=False)
+_url_option = click.option("--url", envvar=URL_ENV, help=f"Backend URL; env {URL_ENV}.")
+_queue_option = click.option("--queue", "-q", "queue_name", default="default", show_default=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def jobs() -> None:
+    """Inspect queues and manage failed jobs."""
+
+
+@jobs.command("counts")
+@_target_argument
+@_url_option
+@_queue_option
+def counts_command(target: str | None, url: str | None, queue_name: str) -> None:
+    """Print how many jobs of a queue are ready, delayed, active and failed."""
+
+    async def show() -> None:
+        async with _admin_queue(target, url) as queue:
+            counts = await queue.counts(queue_name)
+        click.echo(
+            f"{queue_name}: ready {counts.ready}, delayed {counts.delayed}, "
+            f"active {counts.active}, failed {counts.failed}"
+        )
+
+    asyncio.run(show())
+
+
+@jobs.command("failed")
+@_target_argument
+@_url_option
+@_queue_option
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--traceback", "show_traceback", is_flag=True, help="Print each full error.")
+def failed_command(
+    target: str | None, url: str | None, queue_name: str, limit: int, show_traceback: bool
+) -> None:
+    """List failed jobs of a queue, newest first."""
+
+    async def show() -> None:
+        async with _admin_queue(target, url) as queue:
+            failed = await queue.failed(queue_name, limit)
+        for job in failed:
+            lines = job.error.strip().splitlines() or [""]
+            when = datetime.fromtimestamp(job.failed_at, UTC).isoformat(timespec="seconds")
+            click.echo(f"{job.id}  {when}  attempts={job.attempts}  {lines[-1]}")
+            if show_traceback:
+                click.echo(job.error)
+        click.echo(f"{len(failed)} failed jobs shown")
+
+    asyncio.run(show())
+
+
+@jobs.command("retry")
+@_target_argument
+@_url_option
+@_queue_option
+@click.option("--id", "ids", multiple=True, help="Job id to retry (repeatable).")
+@click.option("--all", "retry_all", is_flag=True, help="Retry every failed job of the queue.")
+def retry_command(
+    target: str | None, url: str | None, queue_name: str, ids: tuple[str, ...], retry_all: bool
+) -> None:
+    """Requeue failed jobs with a fresh attempt count."""
+    if not ids and not retry_all:
+        raise click.UsageError("give --id JOB_ID (repeatable) or --all")
+
+    async def retry() -> int:
+        async with _admin_queue(target, url) as queue:
+            return await queue.retry_failed(queue_name, None if retry_all else list(ids))
+
+    click.echo(f"{asyncio.run(retry())} jobs requeued")
+
+
+@jobs.command("delete")
+@_target_argument
+@_url_option
+@_queue_option
+@click.option("--id", "ids", multiple=True, help="Job id to delete (repeatable).")
+@click.option("--all", "delete_all", is_flag=True, help="Delete every failed job of the queue.")
+def delete_command(
+    target: str | None, url: str | None, queue_name: str, ids: tuple[str, ...], delete_all: bool
+) -> None:
+    """Delete failed jobs."""
+    if not ids and not delete_all:
+        raise click.UsageError("give --id JOB_ID (repeatable) or --all")
+
+    async def delete() -> int:
+        async with _admin_queue(target, url) as queue:
+            return await queue.delete_failed(queue_name, None if delete_all else list(ids))
+
+    click.echo(f"{asyncio.run(delete())} jobs deleted")

@@ -8,7 +8,9 @@ Accepted values, restored with their type:
   `uuid.UUID` and `decimal.Decimal`, stored as one-key objects such as `{"$uuid": "..."}`.
 
 Everything else is rejected, subclasses included (a `str` enum would come back as a plain
-`str`), and so are naive datetimes, NaN and infinities, and dict keys that are not `str`. A user
+`str`), and so are naive datetimes, NaN and infinities, strings with lone surrogates, and dict
+keys that are not `str`. An aware datetime comes back with the same instant and UTC offset, as
+a fixed-offset `timezone`: a `zoneinfo` zone name is not kept. A user
 dict whose only key starts with `$` is wrapped as `{"$dict": {...}}` so it never reads as a tag.
 """
 
@@ -51,7 +53,11 @@ def encode_value(value: Any, path: str = "") -> Any:
     Raises `_RejectedError` with the path of the first value that cannot round-trip.
     """
     kind = type(value)
-    if kind is str or kind is bool or value is None:
+    if kind is str:
+        if not value.isascii():
+            _check_unicode(value, path)
+        return value
+    if kind is bool or value is None:
         return value
     if kind is int:
         if _INT_MIN <= value <= _INT_MAX:
@@ -70,6 +76,8 @@ def encode_value(value: Any, path: str = "") -> Any:
                 raise _RejectedError(
                     f"{path}[{key!r}]", key, "dict keys must be str, as JSON object keys are"
                 )
+            if not key.isascii():
+                _check_unicode(key, f"{path}[{key!r}]")
             encoded[key] = encode_value(item, f"{path}[{key!r}]")
         if len(encoded) == 1 and next(iter(encoded)).startswith("$"):
             return {"$dict": encoded}
@@ -78,6 +86,17 @@ def encode_value(value: Any, path: str = "") -> Any:
     if encoder is not None:
         return encoder(value, path)
     raise _RejectedError(path, value, f"it is not one of the accepted types ({ACCEPTED_TYPES})")
+
+
+def _check_unicode(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _RejectedError(
+            path,
+            value,
+            f"it contains {value[exc.start]!r}, a lone surrogate that UTF-8 cannot encode",
+        ) from None
 
 
 def _encode_datetime(value: dt.datetime, path: str) -> Any:

@@ -382,7 +382,7 @@ class RedisBackend(Backend):
                     payload=payload or b"",
                     error=str(details.get("error", "")),
                     attempts=int(details.get("attempts", 1)),
-                    failed_at=score / 1000,
+                    failed_at=score // 1000 / 1000,
                 )
             )
         return failed

@@ -11,8 +11,9 @@ milliseconds. The key layout, for queue `Q` under prefix `P`:
     P:{Q}:owner      hash   id -> worker id holding the lease
     P:{Q}:attempt    hash   id -> attempt number (absent means 1)
     P:{Q}:deliveries hash   id -> times handed out since pushed or last retried
-    P:{Q}:failed     zset   id -> time of failure
+    P:{Q}:failed     zset   id -> time of failure in ms * 1000 + a counter
     P:{Q}:failinfo   hash   id -> JSON {"error": ..., "attempts": ...}
+    P:{Q}:failseq    counter that orders failures within one millisecond
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ KEY_NAMES = (
     "deliveries",
     "failed",
     "failinfo",
+    "failseq",
 )
 
 _PRELUDE = """
 local ready, jobs, delayed, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, attempt, deliveries = KEYS[5], KEYS[6], KEYS[7]
-local failed, failinfo = KEYS[8], KEYS[9]
+local failed, failinfo, failseq = KEYS[8], KEYS[9], KEYS[10]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -61,7 +63,7 @@ end
 
 -- Drop failed jobs beyond the count and age bounds of the store.
 local function trim_failed(max_count, max_age_ms)
-    local stale = redis.call('ZRANGE', failed, '-inf', now - max_age_ms, 'BYSCORE')
+    local stale = redis.call('ZRANGE', failed, '-inf', (now - max_age_ms) * 1000, 'BYSCORE')
     local excess = redis.call('ZCARD', failed) - #stale - max_count
     if excess > 0 then
         local oldest = redis.call('ZRANGE', failed, #stale, #stale + excess - 1)
@@ -82,7 +84,9 @@ local function move_to_failed(id, error, max_count, max_age_ms)
     redis.call('ZREM', active, id)
     redis.call('HDEL', owner, id)
     redis.call('HDEL', deliveries, id)
-    redis.call('ZADD', failed, now, id)
+    -- Score: time in ms times 1000 plus a counter, so failures in one ms keep their order.
+    local seq = redis.call('INCR', failseq) % 1000
+    redis.call('ZADD', failed, now * 1000 + seq, id)
     redis.call('HSET', failinfo, id, cjson.encode({error = error, attempts = attempts}))
     trim_failed(max_count, max_age_ms)
 end
