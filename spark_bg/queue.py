@@ -193,10 +193,17 @@ class Queue:
             return message.id
         self._ambient.append(message)
         if len(self._ambient) == 1:
-            task = loop.create_task(self._send_ambient())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            # The send starts on the loop's next turn, so that an `await queue.flush()` right
+            # after the push sends directly and pushes made in one turn go in one round trip.
+            loop.call_soon(self._start_ambient_send, loop)
         return message.id
+
+    def _start_ambient_send(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._ambient:
+            return
+        task = loop.create_task(self._send_ambient())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     def build_message(
         self,
@@ -210,10 +217,13 @@ class Queue:
         timeout_s: float | None = None,
     ) -> Message:
         """Validate and encode `job` into the message that the backend stores."""
+        exclusive = job_id is not None
         if job_id is None:
             job_id = new_job_id()
-        elif not isinstance(job_id, str) or not job_id or len(job_id) > 200:
-            raise ValueError(f"invalid job_id {job_id!r}: use a string of 1 to 200 characters")
+        elif not isinstance(job_id, str) or not 1 <= len(job_id) <= 200 or "\0" in job_id:
+            raise ValueError(
+                f"invalid job_id {job_id!r}: use a string of 1 to 200 characters without NUL"
+            )
         envelope = build_envelope(
             job, job_id, queue=queue, max_attempts=max_attempts, timeout_s=timeout_s
         )
@@ -224,6 +234,7 @@ class Queue:
             payload=encoding.dumps(envelope),
             delay_s=delay_s,
             run_at=run_at.timestamp() if run_at is not None else None,
+            exclusive=exclusive,
         )
 
     async def flush(self) -> None:
@@ -253,7 +264,8 @@ class Queue:
         delay_s = FLUSH_RETRY_DELAY_S
         for attempt in range(1, FLUSH_ATTEMPTS + 1):
             try:
-                await self.open()
+                if not self._opened:
+                    await self.open()
                 await self.backend.enqueue(messages)
                 return True
             except BackendError as exc:

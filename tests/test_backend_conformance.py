@@ -115,6 +115,7 @@ def message(
     delay_s: float | None = None,
     run_at: float | None = None,
     payload: bytes | None = None,
+    exclusive: bool = False,
 ) -> Message:
     """Return a message with a fresh id and a payload that names it."""
     job_id = uuid.uuid4().hex
@@ -124,6 +125,7 @@ def message(
         payload=payload if payload is not None else f"payload of {job_id}".encode(),
         delay_s=delay_s,
         run_at=run_at,
+        exclusive=exclusive,
     )
 
 
@@ -331,8 +333,8 @@ async def test_pop_wakes_on_enqueue(
     assert latency < 0.5, f"pop() woke {latency:.3f} s after the enqueue"
 
 
-async def test_enqueue_idempotent(backend: Backend) -> None:
-    job = message()
+async def test_enqueue_exclusive_idempotent(backend: Backend) -> None:
+    job = message(exclusive=True)
 
     await backend.enqueue([job])
     await backend.enqueue([job])
@@ -341,8 +343,8 @@ async def test_enqueue_idempotent(backend: Backend) -> None:
     assert ids(await pop(backend, count=10, timeout_s=2.0)) == [job.id]
 
 
-async def test_enqueue_duplicate_in_batch(backend: Backend) -> None:
-    job = message()
+async def test_enqueue_exclusive_duplicate_in_batch(backend: Backend) -> None:
+    job = message(exclusive=True)
 
     await backend.enqueue([job, job])
 
@@ -350,8 +352,8 @@ async def test_enqueue_duplicate_in_batch(backend: Backend) -> None:
     assert ids(await pop(backend, count=10, timeout_s=2.0)) == [job.id]
 
 
-async def test_enqueue_duplicate_while_active(backend: Backend) -> None:
-    job = message()
+async def test_enqueue_exclusive_while_active(backend: Backend) -> None:
+    job = message(exclusive=True)
     await backend.enqueue([job])
     delivery = await pop_one(backend)
 
@@ -362,6 +364,31 @@ async def test_enqueue_duplicate_while_active(backend: Backend) -> None:
     assert counts.active == 1
     assert await pop(backend, OTHER_WORKER) == []
     assert await backend.ack(WORKER, [delivery]) == []
+
+
+async def test_resent_copy_handed_out_once(backend: Backend) -> None:
+    job = message()
+    later = message()
+
+    await backend.enqueue([job])
+    await backend.enqueue([job, later])
+
+    handed = ids(await pop(backend, count=10, timeout_s=2.0))
+    assert handed.count(job.id) == 1
+    assert later.id in handed
+    assert await pop(backend, OTHER_WORKER) == []
+
+
+async def test_resent_copy_while_active_dropped(backend: Backend) -> None:
+    job = message()
+    await backend.enqueue([job])
+    delivery = await pop_one(backend)
+
+    await backend.enqueue([job])
+
+    assert await pop(backend, OTHER_WORKER) == []
+    assert await backend.ack(WORKER, [delivery]) == []
+    assert (await backend.counts(QUEUE)).active == 0
 
 
 async def test_enqueue_duplicate_while_delayed(backend: Backend) -> None:

@@ -3,8 +3,9 @@
 A backend stores opaque payloads (the JSON envelope built by `spark_bg.job`) under job ids. It
 never parses them. Its contract, which the conformance suite in tests/ checks for every backend:
 
-- `enqueue()` stores a batch in one round trip and is idempotent by job id: sending the same
-  message twice while it is pending stores it once.
+- `enqueue()` stores a batch in one round trip. A message sent twice (a resend after a lost
+  reply) is handed out once while the first copy is pending or running. With `exclusive` set,
+  the second copy is not stored at all, so counts see one job.
 - `pop()` hands a job to one worker at a time, under a lease that the worker renews. Until the
   worker settles it (`ack`, `retry`, `fail`, `release`), the job stays in the store.
 - Settling checks ownership: a worker whose lease expired and whose job was handed to another
@@ -34,6 +35,12 @@ class Message:
     """Seconds to wait before the job is due, measured on the backend's clock."""
     run_at: float | None = None
     """Absolute due time in Unix seconds; ignored when `delay_s` is set."""
+    exclusive: bool = False
+    """Store nothing if a job with this id is already pending, delayed or running.
+
+    Set for ids chosen by the caller (`push(job_id=...)`). Generated ids are random, so a
+    backend may skip the check for them and drop a resent copy when it is handed out instead.
+    """
 
 
 @dataclass(slots=True)
@@ -107,7 +114,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def enqueue(self, messages: Sequence[Message]) -> None:
-        """Store `messages` in one round trip, idempotently by id."""
+        """Store `messages` in one round trip; see the module docs for resent messages."""
 
     @abstractmethod
     async def pop(

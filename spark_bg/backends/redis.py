@@ -191,33 +191,48 @@ class RedisBackend(Backend):
 
     async def _run(self, name: str, queue: str, args: Sequence[Any]) -> Any:
         self._connected()
+        keys = self.keys(queue)[: scripts.KEYS_USED[name]]
         try:
-            return await self._scripts[name](keys=self.keys(queue), args=args)
+            return await self._scripts[name](keys=keys, args=args)
         except RedisError as exc:
             raise BackendError(f"Redis {name.lower()} on queue {queue!r} failed: {exc}") from exc
 
     async def enqueue(self, messages: Sequence[Message]) -> None:
-        """Store `messages` with one script call per queue, all in one round trip."""
+        """Store `messages` in one round trip.
+
+        Jobs due now with a generated id go on the ready list with one LPUSH per queue; the
+        others (delayed, or with a caller's id to check) go through the push script.
+        """
         client = self._connected()
-        by_queue: dict[str, list[Any]] = {}
+        items: dict[str, list[bytes]] = {}
+        scripted: dict[str, list[Any]] = {}
         for message in messages:
-            args = by_queue.setdefault(message.queue, [])
             if message.delay_s is not None:
+                args = scripted.setdefault(message.queue, [])
                 args += (message.id, message.payload, "d", int(message.delay_s * 1000))
             elif message.run_at is not None:
+                args = scripted.setdefault(message.queue, [])
                 args += (message.id, message.payload, "a", int(message.run_at * 1000))
-            else:
+            elif message.exclusive:
+                args = scripted.setdefault(message.queue, [])
                 args += (message.id, message.payload, "n", 0)
-        if not by_queue:
-            return
+            else:
+                items.setdefault(message.queue, []).append(
+                    message.id.encode() + b"\0" + message.payload
+                )
         try:
-            if len(by_queue) == 1:
-                [(queue, args)] = by_queue.items()
-                await self._scripts["PUSH"](keys=self.keys(queue), args=args)
+            if not scripted and len(items) == 1:
+                [(queue, batch)] = items.items()
+                await client.lpush(self.keys(queue)[0], *batch)
+                return
+            if not scripted and not items:
                 return
             async with client.pipeline(transaction=False) as pipe:
-                for queue, args in by_queue.items():
-                    await self._scripts["PUSH"](keys=self.keys(queue), args=args, client=pipe)
+                for queue, batch in items.items():
+                    pipe.lpush(self.keys(queue)[0], *batch)
+                for queue, args in scripted.items():
+                    keys = self.keys(queue)[: scripts.KEYS_USED["PUSH"]]
+                    await self._scripts["PUSH"](keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except RedisError as exc:
             raise BackendError(f"Redis push of {len(messages)} jobs failed: {exc}") from exc
@@ -226,6 +241,8 @@ class RedisBackend(Backend):
         self, queue: str, worker_id: str, count: int, lease_s: float
     ) -> tuple[list[Delivery], float | None]:
         reply = await self._run("CLAIM", queue, (worker_id, count, int(lease_s * 1000)))
+        if not reply:
+            return [], 0.0
         if len(reply) == 1:
             next_due_ms = int(reply[0])
             return [], None if next_due_ms < 0 else next_due_ms / 1000

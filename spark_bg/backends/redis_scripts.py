@@ -4,7 +4,9 @@ Every script takes the keys of one queue (one hash tag, so one cluster slot) and
 from the server with `TIME`, so due times and leases are judged by one clock. Times are in
 milliseconds. The key layout, for queue `Q` under prefix `P`:
 
-    P:{Q}:ready      list of job ids; new ids go on the left, workers take from the right
+    P:{Q}:ready      list of jobs; new ones go on the left, workers take from the right. An
+                     item is a job id, or "id NUL payload" for a job pushed with one LPUSH
+                     whose payload the claim moves to the jobs hash
     P:{Q}:jobs       hash   id -> payload
     P:{Q}:delayed    zset   id -> due time
     P:{Q}:active     zset   id -> lease deadline
@@ -31,6 +33,22 @@ KEY_NAMES = (
     "failinfo",
     "failseq",
 )
+
+# How many of KEY_NAMES each script reads, from the first. Passing fewer keys makes each call
+# cheaper to encode; a script touches only the keys it is given.
+KEYS_USED = {
+    "PUSH": 3,
+    "CLAIM": 7,
+    "ACK": 7,
+    "RETRY": 7,
+    "RELEASE": 7,
+    "RENEW": 5,
+    "FAIL": 10,
+    "RECOVER": 10,
+    "RETRY_FAILED": 10,
+    "DELETE_FAILED": 10,
+    "COUNTS": 10,
+}
 
 _PRELUDE = """
 local ready, jobs, delayed, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -93,8 +111,8 @@ end
 """
 
 # ARGV: groups of 4 (id, payload, kind, value). kind "n": ready now; "d": value is a delay in
-# ms; "a": value is an absolute due time in ms. An id already stored is skipped, which makes a
-# repeated send of the same batch harmless.
+# ms; "a": value is an absolute due time in ms. An id already stored is skipped. Jobs that are
+# due now and need no such check skip this script: they go on the ready list with one LPUSH.
 PUSH = (
     _PRELUDE
     + """
@@ -126,14 +144,15 @@ return added
 )
 
 # ARGV: worker id, count, lease ms. Returns a flat list of (id, payload, attempt, deliveries),
-# or, when nothing is ready, {ms until the next delayed job is due, or -1}.
+# empty if every item taken was a resent copy, or, when nothing is ready, {ms until the next
+# delayed job is due, or -1}.
 CLAIM = (
     _PRELUDE
     + """
 local worker, count, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 promote_due(count)
-local ids = redis.call('RPOP', ready, count)
-if not ids then
+local items = redis.call('RPOP', ready, count)
+if not items then
     local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
     if #next_due == 0 then
         return {-1}
@@ -142,8 +161,20 @@ if not ids then
 end
 local deadline = now + lease_ms
 local out = {}
-for _, id in ipairs(ids) do
-    local payload = redis.call('HGET', jobs, id)
+for _, item in ipairs(items) do
+    local id, payload
+    local nul = string.find(item, '\0', 1, true)
+    if nul then
+        id = string.sub(item, 1, nul - 1)
+        payload = string.sub(item, nul + 1)
+        -- A job already known under this id means this item is a resent copy: drop it.
+        if redis.call('HSETNX', jobs, id, payload) == 0 then
+            payload = nil
+        end
+    else
+        id = item
+        payload = redis.call('HGET', jobs, id)
+    end
     if payload then
         redis.call('ZADD', active, deadline, id)
         redis.call('HSET', owner, id, worker)
