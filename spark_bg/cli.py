@@ -23,6 +23,7 @@ import click
 
 from spark_bg.backends import Backend
 from spark_bg.errors import SparkError
+from spark_bg.job import check_queue_name
 from spark_bg.middleware import QueueMiddleware
 from spark_bg.queue import URL_ENV, Queue
 from spark_bg.worker import Worker, WorkerSettings
@@ -171,6 +172,11 @@ def main(
     except SparkError as exc:
         raise click.UsageError(str(exc)) from exc
     names = [name.strip() for name in queues.split(",") if name.strip()]
+    try:
+        for name in names:
+            check_queue_name(name)
+    except SparkError as exc:
+        raise click.BadParameter(str(exc), param_hint="--queues") from exc
     settings = WorkerSettings(
         queues=names,
         concurrency=concurrency,

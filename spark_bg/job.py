@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import os
+import re
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
@@ -81,6 +82,18 @@ OPTION_NAMES = frozenset(
         "run_in_process",
     }
 )
+
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+def check_queue_name(name: str) -> str:
+    """Return `name` if it can be a queue name, else raise `ConfigurationError`."""
+    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+        raise ConfigurationError(
+            f"invalid queue name {name!r}: use 1 to 200 letters, digits, '_', '.', ':' or '-'"
+        )
+    return name
 
 
 def class_path(cls: type) -> str:
@@ -168,7 +181,7 @@ def build_envelope(
         "id": job_id,
         "class": class_path(cls),
         "state": encoding.encode_state(class_path(cls), state),
-        "queue": queue if queue is not None else cls.queue,
+        "queue": check_queue_name(queue if queue is not None else cls.queue),
         "attempt": 1,
         "max_attempts": max_attempts if max_attempts is not None else cls.max_attempts,
         "enqueued_at": time.time(),

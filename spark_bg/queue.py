@@ -103,6 +103,8 @@ class Queue:
         self._open_lock: asyncio.Lock | None = None
         self._ambient: list[Message] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._send_busy = False
+        self._send_waiting: list[tuple[Sequence[Message], asyncio.Future[bool]]] = []
         self._sync_sender: _SyncSender | None = None
 
     def __repr__(self) -> str:
@@ -259,8 +261,44 @@ class Queue:
     async def send(self, messages: Sequence[Message], *, context: str) -> bool:
         """Store `messages`, retrying briefly; log at ERROR with every job id if that fails.
 
-        Returns whether they were stored. Never raises a backend error.
+        Returns whether they were stored, and never raises a backend error. While one send is
+        in flight, later ones wait and then go together in one round trip, so concurrent
+        requests share round trips instead of each paying for one.
         """
+        if self._send_busy:
+            waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._send_waiting.append((messages, waiter))
+            return await waiter
+        self._send_busy = True
+        try:
+            stored = await self._store(messages, context)
+            await self._store_waiting()
+        finally:
+            self._send_busy = False
+            if self._send_waiting:
+                # This send was cancelled while others waited on it; a task takes over.
+                self._send_busy = True
+                task = asyncio.get_running_loop().create_task(self._take_over_waiting())
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+        return stored
+
+    async def _take_over_waiting(self) -> None:
+        try:
+            await self._store_waiting()
+        finally:
+            self._send_busy = False
+
+    async def _store_waiting(self) -> None:
+        while self._send_waiting:
+            group, self._send_waiting = self._send_waiting, []
+            merged = [message for messages, _ in group for message in messages]
+            stored = await self._store(merged, context=f"by {len(group)} concurrent flushes")
+            for _, waiter in group:
+                if not waiter.done():
+                    waiter.set_result(stored)
+
+    async def _store(self, messages: Sequence[Message], context: str) -> bool:
         delay_s = FLUSH_RETRY_DELAY_S
         for attempt in range(1, FLUSH_ATTEMPTS + 1):
             try:

@@ -49,6 +49,9 @@ __all__ = ["Worker", "WorkerSettings", "backoff_delay"]
 
 logger = logging.getLogger(__name__)
 
+ACK_FLUSH_TIMEOUT_S = 15.0
+"""On stop, how long the worker waits for acknowledgements still to be sent."""
+
 
 @dataclass(slots=True)
 class WorkerSettings:
@@ -105,6 +108,8 @@ class Worker:
         self._local: deque[Delivery] = deque()
         self._running: dict[asyncio.Future[None], Delivery] = {}
         self._to_ack: list[Delivery] = []
+        self._acking: set[str] = set()
+        self._acks_closing = False
         self._ack_wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -269,7 +274,7 @@ class Worker:
             job = self.loader.rebuild(envelope)
         except (JobLoadError, KeyError, TypeError, ValueError) as exc:
             logger.error("job %s on %s cannot be loaded: %s", delivery.id, delivery.queue, exc)
-            await self._settle_failed(delivery, f"cannot load job: {exc}", "?", started)
+            await self._settle_failed(delivery, f"cannot load job: {exc}", "?", started, log=False)
             return
         cls = type(job)
         name = class_path(cls)
@@ -446,40 +451,48 @@ class Worker:
     # Acknowledging
 
     async def _ack_loop(self) -> None:
+        """Acknowledge finished jobs in batches until `_acks_closing` is set and none is left.
+
+        It is stopped by the flag, never cancelled, so an acknowledgement in flight completes.
+        """
         failures = 0
         while True:
-            await self._ack_wakeup.wait()
-            self._ack_wakeup.clear()
-            while self._to_ack:
-                batch, self._to_ack = self._to_ack, []
-                try:
-                    lost = await self.backend.ack(self.worker_id, batch)
-                except BackendError as exc:
-                    self._to_ack[:0] = batch
-                    failures += 1
-                    if self._stopping and failures >= 3:
-                        return
-                    await self._pause_after_failure(f"ack of {len(batch)} jobs", failures, exc)
-                    continue
-                failures = 0
+            if not self._to_ack:
+                if self._acks_closing:
+                    return
+                await self._ack_wakeup.wait()
+                self._ack_wakeup.clear()
+                continue
+            batch, self._to_ack = self._to_ack, []
+            self._acking.update(delivery.id for delivery in batch)
+            try:
+                lost = await self.backend.ack(self.worker_id, batch)
                 for delivery in batch:
                     self.held.pop(delivery.id, None)
-                for job_id in lost:
-                    logger.warning(
-                        "job %s finished, but this worker had lost its lease: it was returned "
-                        "to the queue and another worker may run it again",
-                        job_id,
-                    )
+            except BackendError as exc:
+                self._to_ack[:0] = batch
+                failures += 1
+                if self._acks_closing and failures >= 3:
+                    return
+                await self._pause_after_failure(f"ack of {len(batch)} jobs", failures, exc)
+                continue
+            finally:
+                self._acking.difference_update(delivery.id for delivery in batch)
+            failures = 0
+            for job_id in lost:
+                logger.warning(
+                    "job %s finished, but this worker had lost its lease: it was returned "
+                    "to the queue and another worker may run it again",
+                    job_id,
+                )
 
     async def _flush_acks_until_done(self, acker: asyncio.Task[None]) -> None:
+        self._acks_closing = True
         self._ack_wakeup.set()
-        deadline = time.monotonic() + 10.0
-        while self._to_ack and not acker.done() and time.monotonic() < deadline:
-            self._ack_wakeup.set()
-            await asyncio.sleep(0.01)
-        acker.cancel()
-        with contextlib.suppress(BaseException):
-            await acker
+        try:
+            await asyncio.wait_for(asyncio.shield(acker), ACK_FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            acker.cancel()
         if self._to_ack:
             logger.error(
                 "%d finished jobs were not acknowledged; their leases will expire and they "
@@ -574,7 +587,8 @@ class _Heartbeat:
                 if held:
                     lost = await self.backend.renew(worker.worker_id, held, settings.lease_s)
                     for job_id in lost:
-                        if job_id in worker.held:
+                        # A job acknowledged meanwhile is not lost; it is just done.
+                        if job_id in worker.held and job_id not in worker._acking:
                             logger.warning(
                                 "job %s: lease lost by worker %s; another worker may run it",
                                 job_id,

@@ -136,5 +136,9 @@ def start_uvicorn(
             return False
         return True
 
-    wait_for(answers, timeout_s=20.0)
+    try:
+        wait_for(answers, timeout_s=20.0)
+    except BaseException:
+        process.stop()
+        raise
     return process, base_url

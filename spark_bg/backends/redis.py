@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -39,6 +38,7 @@ from spark_bg.backends.base import (
     QueueCounts,
 )
 from spark_bg.errors import BackendError, ConfigurationError
+from spark_bg.job import check_queue_name
 
 __all__ = ["RedisBackend"]
 
@@ -53,7 +53,6 @@ BLOCK_S = 1.0
 # the middleware retry on their own with logging.
 _COMMAND_RETRIES = 2
 
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
 # Settings a redis:// URL may carry beside those redis-py itself reads.
 _OWN_OPTIONS = ("prefix",)
@@ -69,15 +68,6 @@ _CLIENT_OPTIONS = (
     "ssl_keyfile",
     "ssl_check_hostname",
 )
-
-
-def check_queue_name(name: str) -> str:
-    """Return `name` if it can be a queue name, else raise `ConfigurationError`."""
-    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
-        raise ConfigurationError(
-            f"invalid queue name {name!r}: use 1 to 200 letters, digits, '_', '.', ':' or '-'"
-        )
-    return name
 
 
 class RedisBackend(Backend):
