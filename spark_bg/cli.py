@@ -101,6 +101,14 @@ def load_queue(obj: Any) -> Queue:
     type=click.IntRange(min=1),
     help="Jobs run at the same time.",
 )
+@click.option(
+    "--prefetch",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Jobs taken ahead of a free slot; faster for short jobs, but a job held beside one "
+    "that kills the worker is charged a delivery too.",
+)
 @click.option("--burst", is_flag=True, help="Run the jobs ready now, then exit.")
 @click.option(
     "--log-level",
@@ -149,6 +157,7 @@ def main(
     url: str | None,
     queues: str,
     concurrency: int,
+    prefetch: int,
     burst: bool,
     log_level: str,
     lease_s: float,
@@ -180,6 +189,7 @@ def main(
     settings = WorkerSettings(
         queues=names,
         concurrency=concurrency,
+        prefetch=prefetch,
         burst=burst,
         lease_s=lease_s,
         sweep_interval_s=sweep_interval_s,

@@ -61,8 +61,9 @@ class WorkerSettings:
     """Queues to take jobs from, highest priority first."""
     concurrency: int = 16
     """Jobs run at the same time."""
-    prefetch: int | None = None
-    """Jobs held ready beyond those running; `None` means as many as `concurrency`."""
+    prefetch: int = 0
+    """Jobs taken ahead of a free slot. They cut round trips for short jobs, but a job held
+    beside one that kills its worker is charged a delivery too, toward `max_deliveries`."""
     burst: bool = False
     """Exit once no job is ready and none is running."""
     lease_s: float = 30.0
@@ -108,7 +109,7 @@ class Worker:
         self._local: deque[Delivery] = deque()
         self._running: dict[asyncio.Future[None], Delivery] = {}
         self._to_ack: list[Delivery] = []
-        self._acking: set[str] = set()
+        self._settling: set[str] = set()
         self._acks_closing = False
         self._ack_wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -184,9 +185,7 @@ class Worker:
 
     async def _consume(self) -> None:
         settings = self.settings
-        capacity = settings.concurrency + (
-            settings.prefetch if settings.prefetch is not None else settings.concurrency
-        )
+        capacity = settings.concurrency + settings.prefetch
         pop_task: asyncio.Task[list[Delivery]] | None = None
         failures = 0
         stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -346,7 +345,16 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        future = loop.run_in_executor(self._threads, context.run, run)
+        started: asyncio.Future[None] = loop.create_future()
+
+        def run_in_thread() -> Any:
+            loop.call_soon_threadsafe(_resolve, started)
+            return context.run(run)
+
+        future = loop.run_in_executor(self._threads, run_in_thread)
+        if timeout_s is not None:
+            # The timeout counts from the start of run(), not from the wait for a free thread.
+            await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
         try:
             result = await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
@@ -422,24 +430,28 @@ class Worker:
     async def _settle(self, delivery: Delivery, what: str, call: Any) -> None:
         """Run a settlement, retrying while the backend is unreachable."""
         failures = 0
-        while True:
-            try:
-                held = await call()
-                break
-            except BackendError as exc:
-                failures += 1
-                if self._stopping and failures >= 3:
-                    logger.error(
-                        "job %s: %s not recorded, the backend is unreachable; its lease "
-                        "will expire and it will run again: %s",
-                        delivery.id,
-                        what,
-                        exc,
-                    )
-                    self.held.pop(delivery.id, None)
-                    return
-                await self._pause_after_failure(f"{what} of job {delivery.id}", failures, exc)
-        self.held.pop(delivery.id, None)
+        self._settling.add(delivery.id)
+        try:
+            while True:
+                try:
+                    held = await call()
+                    break
+                except BackendError as exc:
+                    failures += 1
+                    if self._stopping and failures >= 3:
+                        logger.error(
+                            "job %s: %s not recorded, the backend is unreachable; its lease "
+                            "will expire and it will run again: %s",
+                            delivery.id,
+                            what,
+                            exc,
+                        )
+                        self.held.pop(delivery.id, None)
+                        return
+                    await self._pause_after_failure(f"{what} of job {delivery.id}", failures, exc)
+            self.held.pop(delivery.id, None)
+        finally:
+            self._settling.discard(delivery.id)
         if not held:
             logger.warning(
                 "job %s: %s not recorded, this worker lost its lease (it was returned to "
@@ -464,7 +476,7 @@ class Worker:
                 self._ack_wakeup.clear()
                 continue
             batch, self._to_ack = self._to_ack, []
-            self._acking.update(delivery.id for delivery in batch)
+            self._settling.update(delivery.id for delivery in batch)
             try:
                 lost = await self.backend.ack(self.worker_id, batch)
                 for delivery in batch:
@@ -477,7 +489,7 @@ class Worker:
                 await self._pause_after_failure(f"ack of {len(batch)} jobs", failures, exc)
                 continue
             finally:
-                self._acking.difference_update(delivery.id for delivery in batch)
+                self._settling.difference_update(delivery.id for delivery in batch)
             failures = 0
             for job_id in lost:
                 logger.warning(
@@ -552,6 +564,11 @@ class Worker:
             self.held.pop(delivery.id, None)
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _Heartbeat:
     """A thread that renews the worker's leases and recovers jobs of dead workers."""
 
@@ -587,8 +604,8 @@ class _Heartbeat:
                 if held:
                     lost = await self.backend.renew(worker.worker_id, held, settings.lease_s)
                     for job_id in lost:
-                        # A job acknowledged meanwhile is not lost; it is just done.
-                        if job_id in worker.held and job_id not in worker._acking:
+                        # A job settled meanwhile (done, retried or failed) is not lost.
+                        if job_id in worker.held and job_id not in worker._settling:
                             logger.warning(
                                 "job %s: lease lost by worker %s; another worker may run it",
                                 job_id,
