@@ -53,6 +53,9 @@ BLOCK_S = 1.0
 # the middleware retry on their own with logging.
 _COMMAND_RETRIES = 2
 
+ADOPT_DELAY_S = 0.0002
+"""Pause before claiming a job that the blocking wait handed over, so the job starts first."""
+
 
 # Settings a redis:// URL may carry beside those redis-py itself reads.
 _OWN_OPTIONS = ("prefix",)
@@ -86,7 +89,13 @@ class RedisBackend(Backend):
         self._client_url = url
         self._client: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
-        self._waiters: dict[str, asyncio.Task[Any]] = {}
+        self._waiters: dict[str, asyncio.Future[Any]] = {}
+        self._adopting: dict[str, asyncio.Future[tuple[list[Delivery], float | None]]] = {}
+        self._adopt_pending: dict[str, int] = {}
+        self._registered: dict[str, str] = {}
+        """Queue -> id of the worker whose inbox the claims of this backend registered.
+
+        Kept until close, which empties those inboxes once the waits are cancelled."""
         self._keys: dict[str, list[str]] = {}
         self._scripts: dict[str, AsyncScript] = {}
 
@@ -151,13 +160,25 @@ class RedisBackend(Backend):
             raise BackendError(f"cannot connect to Redis at {_safe_url(self.url)}: {exc}") from exc
 
     async def close(self) -> None:
-        """Cancel waits in progress and close both connection pools."""
+        """Cancel waits in progress, empty this worker's inboxes, close the connection pools."""
+        if self._adopting:
+            await asyncio.wait(list(self._adopting.values()), timeout=5.0)
         for task in self._waiters.values():
             task.cancel()
         for task in self._waiters.values():
             with contextlib.suppress(BaseException):
                 await task
         self._waiters.clear()
+        for worker_id in set(self._registered.values()):
+            try:
+                await self.release(worker_id, [])
+            except BackendError as exc:
+                logger.warning(
+                    "could not empty the inbox of worker %s; a sweep returns its jobs once "
+                    "the registration lapses: %s",
+                    worker_id,
+                    exc,
+                )
         for client in (self._client, self._blocking):
             if client is not None:
                 with contextlib.suppress(RedisError, OSError):
@@ -179,9 +200,17 @@ class RedisBackend(Backend):
             raise BackendError("the Redis backend is not open; call `await backend.open()` first")
         return self._client
 
-    async def _run(self, name: str, queue: str, args: Sequence[Any]) -> Any:
+    def inbox_key(self, queue: str, worker_id: str) -> str:
+        """Return the key of the list where `worker_id`'s blocking wait puts what it takes."""
+        return f"{self.prefix}:{{{queue}}}:inbox:{worker_id}"
+
+    async def _run(
+        self, name: str, queue: str, args: Sequence[Any], inbox_of: str | None = None
+    ) -> Any:
         self._connected()
         keys = self.keys(queue)[: scripts.KEYS_USED[name]]
+        if inbox_of is not None:
+            keys = [*keys, self.inbox_key(queue, inbox_of)]
         try:
             return await self._scripts[name](keys=keys, args=args)
         except RedisError as exc:
@@ -228,9 +257,14 @@ class RedisBackend(Backend):
             raise BackendError(f"Redis push of {len(messages)} jobs failed: {exc}") from exc
 
     async def _claim(
-        self, queue: str, worker_id: str, count: int, lease_s: float
+        self, queue: str, worker_id: str, count: int, lease_s: float, adopt_id: str = ""
     ) -> tuple[list[Delivery], float | None]:
-        reply = await self._run("CLAIM", queue, (worker_id, count, int(lease_s * 1000)))
+        # While a job started from the blocking wait awaits its claim, other claims leave the
+        # inbox alone, so that they cannot hand its item out a second time.
+        take_inbox = "0" if self._adopt_pending.get(queue) else "1"
+        args = (worker_id, count, int(lease_s * 1000), take_inbox, adopt_id)
+        reply = await self._run("CLAIM", queue, args, inbox_of=worker_id)
+        self._registered[queue] = worker_id
         if not reply:
             return [], 0.0
         if len(reply) == 1:
@@ -257,7 +291,12 @@ class RedisBackend(Backend):
         lease_s: float,
         timeout_s: float,
     ) -> list[Delivery]:
-        """Claim up to `count` jobs, queues in priority order, waiting up to `timeout_s`."""
+        """Claim up to `count` jobs, queues in priority order, waiting up to `timeout_s`.
+
+        When the blocking wait itself hands over a new job (an item carrying its payload), the
+        job is returned at once, without waiting for the claim round trip; the claim runs
+        meanwhile, and every settlement of that job waits for it.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -276,7 +315,69 @@ class RedisBackend(Backend):
             if taken or remaining <= 0:
                 return taken
             wait_s = remaining if next_due_s is None else min(remaining, next_due_s)
-            await self._wait_for_any(queues, wait_s)
+            handed = await self._wait_for_any(queues, worker_id, wait_s)
+            adopted = [self._adopt(queue, worker_id, item, lease_s) for queue, item in handed]
+            early = [delivery for delivery in adopted if delivery is not None]
+            if early:
+                return early
+
+    def _adopt(self, queue: str, worker_id: str, item: bytes, lease_s: float) -> Delivery | None:
+        """Return a new job that the blocking wait put in the inbox, and claim it meanwhile.
+
+        Only an item carrying its payload is a job pushed once and never handed out, so its
+        attempt and delivery count are 1. Other items wait for the next claim.
+        """
+        job_id, nul, payload = item.partition(b"\0")
+        if not nul:
+            return None
+        delivery = Delivery(
+            id=job_id.decode(), queue=queue, payload=payload, attempt=1, deliveries=1
+        )
+        loop = asyncio.get_running_loop()
+        claim: asyncio.Future[tuple[list[Delivery], float | None]] = loop.create_future()
+        self._adopting[delivery.id] = claim
+        self._adopt_pending[queue] = self._adopt_pending.get(queue, 0) + 1
+
+        def start_claim() -> None:
+            task = asyncio.ensure_future(
+                self._claim(queue, worker_id, 1, lease_s, adopt_id=delivery.id)
+            )
+            task.add_done_callback(lambda done: _copy_outcome(done, claim))
+
+        # The claim starts a moment later, so that the worker starts the job first.
+        loop.call_later(ADOPT_DELAY_S, start_claim)
+
+        def claimed(done: asyncio.Future[tuple[list[Delivery], float | None]]) -> None:
+            if self._adopting.get(delivery.id) is done:
+                del self._adopting[delivery.id]
+            self._adopt_pending[queue] -= 1
+            if done.cancelled() or done.exception() is not None:
+                logger.warning(
+                    "job %s: claim after the blocking wait failed; it stays in the inbox of "
+                    "worker %s and is claimed again by its next fetch",
+                    delivery.id,
+                    worker_id,
+                )
+                return
+            ids = [other.id for other in done.result()[0]]
+            if ids != [delivery.id]:
+                logger.warning(
+                    "job %s was started from the blocking wait, but the claim returned %s; "
+                    "it may have been a resent copy of a job already running",
+                    delivery.id,
+                    ids,
+                )
+
+        claim.add_done_callback(claimed)
+        return delivery
+
+    async def _claimed(self, deliveries: Sequence[Delivery]) -> None:
+        """Wait until jobs started from the blocking wait are claimed."""
+        if not self._adopting:
+            return
+        pending = [self._adopting[d.id] for d in deliveries if d.id in self._adopting]
+        if pending:
+            await asyncio.wait(pending)
 
     async def _claim_safely(
         self, queue: str, worker_id: str, count: int, lease_s: float, taken: list[Delivery]
@@ -293,35 +394,55 @@ class RedisBackend(Backend):
                 await self.release(worker_id, taken + claimed)
             raise
 
-    async def _wait_for_any(self, queues: Sequence[str], timeout_s: float) -> None:
-        """Return when a ready list of `queues` may have jobs, or after `timeout_s`."""
+    async def _wait_for_any(
+        self, queues: Sequence[str], worker_id: str, timeout_s: float
+    ) -> list[tuple[str, bytes]]:
+        """Block until a ready list of `queues` has a job, or `timeout_s` passed.
+
+        Each wait is `BLMOVE ready inbox`: what it takes lands in the worker's inbox, where
+        the next claim finds it, so a wait cut short loses nothing. Returns the items that
+        waits completing during this call took, for `_adopt`.
+        """
         if timeout_s <= 0:
-            return
+            return []
         blocking = self._blocking
         if blocking is None:
             raise BackendError("the Redis backend is not open; call `await backend.open()` first")
+        for queue, task in list(self._waiters.items()):
+            if task.done():
+                # It completed before the last claim, which took its item from the inbox.
+                del self._waiters[queue]
+                if not task.cancelled():
+                    task.exception()
         block_s = max(0.01, min(BLOCK_S, timeout_s))
         for queue in queues:
             if queue not in self._waiters:
                 ready = self.keys(queue)[0]
+                inbox = self.inbox_key(queue, worker_id)
                 # Waits still running from an earlier call are reused: each holds a connection.
                 self._waiters[queue] = asyncio.ensure_future(
                     blocking.execute_command(  # type: ignore[no-untyped-call]
-                        "BLMOVE", ready, ready, "RIGHT", "RIGHT", block_s
+                        "BLMOVE", ready, inbox, "RIGHT", "LEFT", block_s
                     )
                 )
         done, _ = await asyncio.wait(
             self._waiters.values(), timeout=block_s + 1.0, return_when=asyncio.FIRST_COMPLETED
         )
+        handed: list[tuple[str, bytes]] = []
         for queue, task in list(self._waiters.items()):
             if task in done:
                 del self._waiters[queue]
                 error = task.exception()
                 if error is not None:
                     raise BackendError(f"Redis wait on queue {queue!r} failed: {error}") from error
+                item = task.result()
+                if item is not None:
+                    handed.append((queue, item))
+        return handed
 
     async def ack(self, worker_id: str, deliveries: Sequence[Delivery]) -> list[str]:
-        """Delete finished jobs, one script call per queue in one round trip."""
+        """Delete finished jobs, one script call per queue."""
+        await self._claimed(deliveries)
         lost: list[str] = []
         for queue, ids in _ids_by_queue(deliveries).items():
             reply = await self._run("ACK", queue, [worker_id, *ids])
@@ -330,24 +451,35 @@ class RedisBackend(Backend):
 
     async def retry(self, worker_id: str, delivery: Delivery, delay_s: float) -> bool:
         """Schedule the next attempt in `delay_s` seconds of the server's clock."""
+        await self._claimed([delivery])
         args = (worker_id, delivery.id, int(delay_s * 1000))
         return bool(await self._run("RETRY", delivery.queue, args))
 
     async def fail(self, worker_id: str, delivery: Delivery, error: str) -> bool:
         """Move the job to the failed store, trimmed to its bounds."""
+        await self._claimed([delivery])
         limits = self.failed_limits
         args = (worker_id, delivery.id, error, limits.max_count, int(limits.max_age_s * 1000))
         return bool(await self._run("FAIL", delivery.queue, args))
 
     async def release(self, worker_id: str, deliveries: Sequence[Delivery]) -> None:
-        """Return jobs to the front of their queue, their delivery not charged."""
-        for queue, ids in _ids_by_queue(deliveries).items():
-            await self._run("RELEASE", queue, [worker_id, *ids])
+        """Return jobs, and what the worker's inboxes hold, to the front of their queues.
+
+        Their delivery is not charged. The worker's inbox registrations are removed too.
+        """
+        await self._claimed(deliveries)
+        grouped = _ids_by_queue(deliveries)
+        for queue, registered_worker in self._registered.items():
+            if registered_worker == worker_id:
+                grouped.setdefault(queue, [])
+        for queue, ids in grouped.items():
+            await self._run("RELEASE", queue, [worker_id, *ids], inbox_of=worker_id)
 
     async def renew(
         self, worker_id: str, deliveries: Sequence[Delivery], lease_s: float
     ) -> list[str]:
         """Push back the lease deadline of every job `worker_id` holds."""
+        await self._claimed(deliveries)
         lost: list[str] = []
         for queue, ids in _ids_by_queue(deliveries).items():
             reply = await self._run("RENEW", queue, [worker_id, int(lease_s * 1000), *ids])
@@ -408,6 +540,17 @@ class RedisBackend(Backend):
         """Return the number of jobs of `queue` in each state."""
         ready, delayed, active, failed = await self._run("COUNTS", queue, ())
         return QueueCounts(ready=ready, delayed=delayed, active=active, failed=failed)
+
+
+def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def _ids_by_queue(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:

@@ -13,6 +13,8 @@ milliseconds. The key layout, for queue `Q` under prefix `P`:
     P:{Q}:owner      hash   id -> worker id holding the lease
     P:{Q}:attempt    hash   id -> attempt number (absent means 1)
     P:{Q}:deliveries hash   id -> times handed out since pushed or last retried
+    P:{Q}:inboxes    zset   worker id -> deadline of its inbox registration
+    P:{Q}:inbox:W    list   items worker W took with BLMOVE and has not claimed yet
     P:{Q}:failed     zset   id -> time of failure in ms * 1000 + a counter
     P:{Q}:failinfo   hash   id -> JSON {"error": ..., "attempts": ...}
     P:{Q}:failseq    counter that orders failures within one millisecond
@@ -29,31 +31,33 @@ KEY_NAMES = (
     "owner",
     "attempt",
     "deliveries",
+    "inboxes",
     "failed",
     "failinfo",
     "failseq",
 )
 
 # How many of KEY_NAMES each script reads, from the first. Passing fewer keys makes each call
-# cheaper to encode; a script touches only the keys it is given.
+# cheaper to encode; a script touches only the keys it is given. CLAIM and RELEASE also take
+# the worker's inbox as their last key.
 KEYS_USED = {
     "PUSH": 3,
-    "CLAIM": 7,
+    "CLAIM": 8,
     "ACK": 7,
     "RETRY": 7,
-    "RELEASE": 7,
+    "RELEASE": 8,
     "RENEW": 5,
-    "FAIL": 10,
-    "RECOVER": 10,
-    "RETRY_FAILED": 10,
-    "DELETE_FAILED": 10,
-    "COUNTS": 10,
+    "FAIL": 11,
+    "RECOVER": 11,
+    "RETRY_FAILED": 11,
+    "DELETE_FAILED": 11,
+    "COUNTS": 11,
 }
 
 _PRELUDE = """
 local ready, jobs, delayed, active = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local owner, attempt, deliveries = KEYS[5], KEYS[6], KEYS[7]
-local failed, failinfo, failseq = KEYS[8], KEYS[9], KEYS[10]
+local owner, attempt, deliveries, inboxes = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local failed, failinfo, failseq = KEYS[9], KEYS[10], KEYS[11]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -143,15 +147,49 @@ return added
 """
 )
 
-# ARGV: worker id, count, lease ms. Returns a flat list of (id, payload, attempt, deliveries),
-# empty if every item taken was a resent copy, or, when nothing is ready, {ms until the next
-# delayed job is due, or -1}.
+# ARGV: worker id, count, lease ms, "1" to take items from the worker's inbox first, and the
+# id of one inbox item to claim alone (or ""). Returns a flat list of (id, payload, attempt,
+# deliveries), empty if every item taken was a resent copy, or, when nothing is ready, {ms
+# until the next delayed job is due, or -1}.
 CLAIM = (
     _PRELUDE
     + """
 local worker, count, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-promote_due(count)
-local items = redis.call('RPOP', ready, count)
+local take_inbox, adopt_id = ARGV[4], ARGV[5]
+local inbox = KEYS[#KEYS]
+-- While registered, the worker's inbox is its own; once the registration lapses, a sweep
+-- returns what the inbox holds to the ready list.
+redis.call('ZADD', inboxes, now + lease_ms, worker)
+local items = false
+if adopt_id ~= '' then
+    -- Claim only the item of `adopt_id`, which the worker already started.
+    local prefix = adopt_id .. '\0'
+    for _, item in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
+        if string.sub(item, 1, #prefix) == prefix then
+            redis.call('LREM', inbox, 1, item)
+            items = {item}
+            break
+        end
+    end
+    if not items then
+        return {}
+    end
+else
+    promote_due(count)
+    if take_inbox == '1' then
+        items = redis.call('RPOP', inbox, count)
+    end
+    if items and #items < count then
+        local more = redis.call('RPOP', ready, count - #items)
+        if more then
+            for _, item in ipairs(more) do
+                items[#items + 1] = item
+            end
+        end
+    elseif not items then
+        items = redis.call('RPOP', ready, count)
+    end
+end
 if not items then
     local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
     if #next_due == 0 then
@@ -236,7 +274,8 @@ return 1
 """
 )
 
-# ARGV: worker id, then job ids. Jobs go back to the front; the delivery is not charged.
+# ARGV: worker id, then job ids. Jobs go back to the front; the delivery is not charged. The
+# worker's inbox is emptied back into the ready list and its registration removed.
 RELEASE = (
     _PRELUDE
     + """
@@ -249,6 +288,11 @@ for i = #ARGV, 2, -1 do
         redis.call('RPUSH', ready, id)
     end
 end
+-- Items the worker took but never claimed go back as they are, oldest at the front.
+local inbox = KEYS[#KEYS]
+while redis.call('LMOVE', inbox, ready, 'LEFT', 'RIGHT') do
+end
+redis.call('ZREM', inboxes, ARGV[1])
 return 1
 """
 )
@@ -289,6 +333,36 @@ for _, id in ipairs(expired) do
         redis.call('HDEL', owner, id)
         redis.call('RPUSH', ready, id)
     end
+end
+-- Inboxes of workers whose registration lapsed: their items go back to the front, each
+-- charged a delivery, since the worker may have started it before dying.
+-- NOTE: the inbox key is built here rather than passed in KEYS. It shares the queue's hash
+-- tag, so it lies in the same cluster slot, but Redis Cluster tooling cannot see the access.
+local lapsed = redis.call('ZRANGE', inboxes, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
+local inbox_prefix = string.sub(inboxes, 1, #inboxes - #'inboxes') .. 'inbox:'
+for _, dead in ipairs(lapsed) do
+    local box = inbox_prefix .. dead
+    local item = redis.call('RPOP', box)
+    while item do
+        local id = item
+        local nul = string.find(item, '\0', 1, true)
+        if nul then
+            id = string.sub(item, 1, nul - 1)
+            redis.call('HSETNX', jobs, id, string.sub(item, nul + 1))
+        end
+        if not redis.call('HGET', owner, id) then
+            local handed = redis.call('HINCRBY', deliveries, id, 1)
+            if handed >= max_deliveries then
+                move_to_failed(id, 'delivered ' .. handed .. ' times without finishing; '
+                    .. 'the job may be crashing or stalling its worker', max_count, max_age_ms)
+            else
+                redis.call('RPUSH', ready, id)
+            end
+            expired[#expired + 1] = id
+        end
+        item = redis.call('RPOP', box)
+    end
+    redis.call('ZREM', inboxes, dead)
 end
 promote_due(1000)
 trim_failed(max_count, max_age_ms)
