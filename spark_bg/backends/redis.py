@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
@@ -92,6 +93,8 @@ class RedisBackend(Backend):
         self._waiters: dict[str, asyncio.Future[Any]] = {}
         self._adopting: dict[str, asyncio.Future[tuple[list[Delivery], float | None]]] = {}
         self._adopt_pending: dict[str, int] = {}
+        self._push_lock = asyncio.Lock()
+        self._push_connection: Any = None
         self._registered: dict[str, str] = {}
         """Queue -> id of the worker whose inbox the claims of this backend registered.
 
@@ -179,6 +182,10 @@ class RedisBackend(Backend):
                     worker_id,
                     exc,
                 )
+        if self._push_connection is not None:
+            with contextlib.suppress(Exception):
+                await self._push_connection.disconnect()
+            self._push_connection = None
         for client in (self._client, self._blocking):
             if client is not None:
                 with contextlib.suppress(RedisError, OSError):
@@ -240,9 +247,9 @@ class RedisBackend(Backend):
                     message.id.encode() + b"\0" + message.payload
                 )
         try:
-            if not scripted and len(items) == 1:
+            if not scripted and len(items) == 1 and not self._push_lock.locked():
                 [(queue, batch)] = items.items()
-                await client.lpush(self.keys(queue)[0], *batch)
+                await self._lpush_direct(self.keys(queue)[0], batch)
                 return
             if not scripted and not items:
                 return
@@ -255,6 +262,32 @@ class RedisBackend(Backend):
                 await pipe.execute()
         except RedisError as exc:
             raise BackendError(f"Redis push of {len(messages)} jobs failed: {exc}") from exc
+
+    async def _lpush_direct(self, key: str, items: list[bytes]) -> None:
+        """LPUSH on a connection of its own, skipping the pool and retry layers of redis-py.
+
+        That saves about a quarter of the client's time per push when a producer sends one
+        job at a time. A connection error is retried once on a new connection: a resent LPUSH
+        stores a copy that the claim drops.
+        """
+        async with self._push_lock:
+            for attempt in (1, 2):
+                connection = self._push_connection
+                if connection is None:
+                    pool = self._connected().connection_pool
+                    connection = pool.make_connection()  # type: ignore[no-untyped-call]
+                    self._push_connection = connection
+                try:
+                    command = connection.pack_command("LPUSH", key, *items)
+                    await connection.send_packed_command(command, check_health=False)
+                    await connection.read_response()
+                    return
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+                    self._push_connection = None
+                    with contextlib.suppress(Exception):
+                        await connection.disconnect()
+                    if attempt == 2:
+                        raise
 
     async def _claim(
         self, queue: str, worker_id: str, count: int, lease_s: float, adopt_id: str = ""
