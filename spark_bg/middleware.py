@@ -23,7 +23,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spark_bg.errors import ConfigurationError, SparkError
-from spark_bg.queue import Queue
+from spark_bg.queue import Buffer, Queue
 
 __all__ = ["QueueMiddleware"]
 
@@ -81,17 +81,8 @@ class QueueMiddleware:
             succeeded = complete and status is not None and status < 400
         finally:
             Queue.close_buffer(buffer, token)
-            messages = buffer.messages(succeeded=succeeded)
-            dropped = len(buffer.entries) - len(messages)
-            if dropped:
-                logger.info(
-                    "dropped %d jobs of a failed request (status %s): %s",
-                    dropped,
-                    status,
-                    " ".join(m.id for m, always in buffer.entries if not always),
-                )
-            if messages:
-                await queue.send(messages, context=f"during {scope.get('path', 'a request')}")
+            if buffer.entries:
+                await _flush(queue, buffer, succeeded, status, scope)
 
     def _configured_queue(self) -> Queue:
         if self.queue is None:
@@ -130,6 +121,23 @@ class QueueMiddleware:
             return f"spark_bg QueueMiddleware cannot open {self.queue.url}: {exc}"
         logger.info("spark_bg queue open: %s", self.queue.url)
         return None
+
+
+async def _flush(
+    queue: Queue, buffer: Buffer, succeeded: bool, status: int | None, scope: Scope
+) -> None:
+    """Send the request's jobs by the flush policy, and log the ids of those dropped."""
+    messages = buffer.messages(succeeded=succeeded)
+    dropped = len(buffer.entries) - len(messages)
+    if dropped:
+        logger.info(
+            "dropped %d jobs of a failed request (status %s): %s",
+            dropped,
+            status,
+            " ".join(message.id for message, always in buffer.entries if not always),
+        )
+    if messages:
+        await queue.send(messages, context=f"during {scope.get('path', 'a request')}")
 
 
 def _publish(scope: Scope, queue: Queue) -> None:
