@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-"$PYTHON" -m ruff check spark_bg tests examples bench
-"$PYTHON" -m ruff format --check spark_bg tests examples bench
+paths=()
+for path in spark_bg tests examples bench; do
+    if [ -e "$path" ]; then paths+=("$path"); fi
+done
+"$PYTHON" -m ruff check "${paths[@]}"
+"$PYTHON" -m ruff format --check "${paths[@]}"
 "$PYTHON" -m mypy spark_bg

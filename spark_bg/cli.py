@@ -22,8 +22,8 @@ from typing import Any
 import click
 
 from spark_bg.backends import Backend
-from spark_bg.errors import SparkError
-from spark_bg.job import check_queue_name
+from spark_bg.errors import JobLoadError, SparkError
+from spark_bg.job import check_queue_name, parse_envelope
 from spark_bg.middleware import QueueMiddleware
 from spark_bg.queue import URL_ENV, Queue
 from spark_bg.worker import Worker, WorkerSettings
@@ -83,8 +83,8 @@ def load_queue(obj: Any) -> Queue:
 @click.argument("target", required=False)
 @click.option(
     "--url",
-    envvar=URL_ENV,
-    help=f"Backend URL (redis://, rediss://, sqlite:///, memory://); env {URL_ENV}.",
+    help="Backend URL (redis://, rediss://, sqlite:///, memory://), used instead of TARGET's "
+    f"queue. With neither, ${URL_ENV} is read.",
 )
 @click.option(
     "--queues",
@@ -169,8 +169,7 @@ def main(
     """Run background jobs from the queue that TARGET (module:attribute) is configured with."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     packages = list(jobs_from)
-    if target is None and not url:
-        raise click.UsageError("give a TARGET such as 'myapp.main:app', or --url")
+    url = _url_or_environment(target, url)
     try:
         if target is not None:
             obj = import_target(target)
@@ -227,17 +226,63 @@ async def _serve(worker: Worker) -> None:
     await worker.run()
 
 
+def _url_or_environment(target: str | None, url: str | None) -> str | None:
+    """Return `url`; with no TARGET either, `$SPARK_QUEUE_URL`, or raise a usage error.
+
+    A TARGET's own configuration wins over the environment, so a variable left in a shell
+    never points the worker at another backend than the app's.
+    """
+    if url or target is not None:
+        return url
+    from_environment = os.environ.get(URL_ENV)
+    if not from_environment:
+        raise click.UsageError(
+            f"give a TARGET such as 'myapp.main:app', or --url, or set ${URL_ENV}"
+        )
+    return from_environment
+
+
 def _admin_queue(target: str | None, url: str | None) -> Queue:
-    if target is None and not url:
-        raise click.UsageError("give a TARGET such as 'myapp.main:app', or --url")
+    url = _url_or_environment(target, url)
     try:
-        return Queue(url) if url else load_queue(import_target(str(target)))
+        if target is not None:
+            obj = import_target(target)
+            return Queue(url) if url else load_queue(obj)
+        return Queue(url)
     except SparkError as exc:
         raise click.UsageError(str(exc)) from exc
 
 
+def _run_admin(operation: Any) -> Any:
+    """Run an admin coroutine; a backend failure becomes one `Error:` line and exit code 1."""
+    try:
+        return asyncio.run(operation)
+    except SparkError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _job_class(payload: bytes) -> str:
+    try:
+        return str(parse_envelope(payload)["class"])
+    except JobLoadError:
+        return "(invalid payload)"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _check_selection(ids: tuple[str, ...], every: bool) -> None:
+    if not ids and not every:
+        raise click.UsageError("give --id JOB_ID (repeatable) or --all")
+    if ids and every:
+        raise click.UsageError("give either --id or --all, not both")
+
+
 _target_argument = click.argument("target", required=False)
-_url_option = click.option("--url", envvar=URL_ENV, help=f"Backend URL; env {URL_ENV}.")
+_url_option = click.option(
+    "--url", help=f"Backend URL, used instead of TARGET's queue. With neither, ${URL_ENV} is read."
+)
 _queue_option = click.option("--queue", "-q", "queue_name", default="default", show_default=True)
 
 
@@ -261,7 +306,7 @@ def counts_command(target: str | None, url: str | None, queue_name: str) -> None
             f"active {counts.active}, failed {counts.failed}"
         )
 
-    asyncio.run(show())
+    _run_admin(show())
 
 
 @jobs.command("failed")
@@ -281,12 +326,13 @@ def failed_command(
         for job in failed:
             lines = job.error.strip().splitlines() or [""]
             when = datetime.fromtimestamp(job.failed_at, UTC).isoformat(timespec="seconds")
-            click.echo(f"{job.id}  {when}  attempts={job.attempts}  {lines[-1]}")
+            click.echo(f"{job.id}  {when}  {_job_class(job.payload)}  attempts={job.attempts}")
+            click.echo(f"    {lines[-1]}")
             if show_traceback:
                 click.echo(job.error)
-        click.echo(f"{len(failed)} failed jobs shown")
+        click.echo(f"{_plural(len(failed), 'failed job')} shown")
 
-    asyncio.run(show())
+    _run_admin(show())
 
 
 @jobs.command("retry")
@@ -299,14 +345,13 @@ def retry_command(
     target: str | None, url: str | None, queue_name: str, ids: tuple[str, ...], retry_all: bool
 ) -> None:
     """Requeue failed jobs with a fresh attempt count."""
-    if not ids and not retry_all:
-        raise click.UsageError("give --id JOB_ID (repeatable) or --all")
+    _check_selection(ids, retry_all)
 
     async def retry() -> int:
         async with _admin_queue(target, url) as queue:
             return await queue.retry_failed(queue_name, None if retry_all else list(ids))
 
-    click.echo(f"{asyncio.run(retry())} jobs requeued")
+    click.echo(f"{_plural(_run_admin(retry()), 'job')} requeued")
 
 
 @jobs.command("delete")
@@ -319,11 +364,10 @@ def delete_command(
     target: str | None, url: str | None, queue_name: str, ids: tuple[str, ...], delete_all: bool
 ) -> None:
     """Delete failed jobs."""
-    if not ids and not delete_all:
-        raise click.UsageError("give --id JOB_ID (repeatable) or --all")
+    _check_selection(ids, delete_all)
 
     async def delete() -> int:
         async with _admin_queue(target, url) as queue:
             return await queue.delete_failed(queue_name, None if delete_all else list(ids))
 
-    click.echo(f"{asyncio.run(delete())} jobs deleted")
+    click.echo(f"{_plural(_run_admin(delete()), 'job')} deleted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,9 +66,9 @@ def test_jobs_retry_one_then_all(redis_url: str) -> None:
     rest = run_cli("retry", "--url", redis_url, "--all")
     counts_after_all = run_cli("counts", "--url", redis_url)
 
-    assert one.stdout.strip() == "1 jobs requeued"
+    assert one.stdout.strip() == "1 job requeued"
     assert "ready 1, delayed 0, active 0, failed 1" in counts_after_one.stdout
-    assert rest.stdout.strip() == "1 jobs requeued"
+    assert rest.stdout.strip() == "1 job requeued"
     assert "ready 2, delayed 0, active 0, failed 0" in counts_after_all.stdout
 
 
@@ -86,6 +87,26 @@ def test_jobs_retry_needs_ids_or_all(redis_url: str) -> None:
 
     assert result.returncode == 2
     assert "give --id JOB_ID (repeatable) or --all" in result.stderr
+
+
+def test_jobs_delete_rejects_id_with_all(redis_url: str) -> None:
+    fail_two_jobs(redis_url)
+
+    result = run_cli("delete", "--url", redis_url, "--id", "x", "--all")
+    counts = run_cli("counts", "--url", redis_url)
+
+    assert result.returncode == 2
+    assert "give either --id or --all, not both" in result.stderr
+    assert "failed 2" in counts.stdout
+
+
+def test_jobs_unreachable_backend_one_line(tmp_path: Path) -> None:
+    # A directory that does not exist makes the SQLite backend fail to open.
+    result = run_cli("counts", "--url", f"sqlite:///{tmp_path}/missing/jobs.db")
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.stderr
 
 
 def test_worker_bad_target_one_line() -> None:

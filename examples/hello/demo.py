@@ -78,11 +78,17 @@ def main() -> None:
     with open(web_log, "wb") as web_out, open(worker_log, "wb") as worker_out:
         web = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "examples.hello.app:app", "--port", str(port)],
-            cwd=workdir, env=env, stdout=web_out, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            stdout=web_out,
+            stderr=subprocess.STDOUT,
         )
         worker = subprocess.Popen(
             [sys.executable, "-m", "spark_bg", "examples.hello.app:app"],
-            cwd=workdir, env=env, stdout=worker_out, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            stdout=worker_out,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_until(lambda: b"startup complete" in web_log.read_bytes(), "uvicorn startup")
@@ -104,7 +110,7 @@ def main() -> None:
                     process.kill()
         print(worker_log.read_text(), end="")
     # uvicorn ends by re-raising the SIGTERM it handled, so its exit status is -15.
-    print(f"stopped uvicorn (status {web.returncode}) and spark-worker (status {worker.returncode})")
+    print(f"stopped uvicorn (status {web.returncode}), spark-worker (status {worker.returncode})")
 
 
 if __name__ == "__main__":
