@@ -41,6 +41,7 @@ class QueueMiddleware:
         self.app = app
         self.queue: Queue | None = None
         self.error: ConfigurationError | None = None
+        self._published_to: Any = None
         # Starlette builds the middleware stack inside the first ASGI call, where an exception
         # would not fail uvicorn's startup; the error is reported by the lifespan instead.
         try:
@@ -54,7 +55,10 @@ class QueueMiddleware:
             await self._lifespan(scope, receive, send)
             return
         queue = self._configured_queue()
-        _publish(scope, queue)
+        app = scope.get("app")
+        if app is not self._published_to:
+            _publish(scope, queue)
+            self._published_to = app
         if kind != "http":
             # Websockets and other scopes get no buffer: their pushes are sent at once.
             await self.app(scope, receive, send)

@@ -1,7 +1,7 @@
 """The worker: takes jobs from the backend and runs them, with leases, retries and shutdown.
 
 One asyncio loop fetches jobs (up to `concurrency + prefetch` held at once), runs async jobs as
-tasks and sync jobs in a thread pool (or a child process, see `Job.run_in_process`), and
+tasks and sync jobs in a pool of threads (or a child process, see `Job.run_in_process`), and
 acknowledges finished jobs in batches. A separate heartbeat thread, with its own event loop and
 backend connection, renews the leases of every job the worker holds and returns jobs of dead
 workers to their queue, so neither depends on job code giving the loop a turn.
@@ -28,7 +28,6 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +43,7 @@ from spark_bg.job import (
 )
 from spark_bg.process import run_in_child
 from spark_bg.queue import Queue
+from spark_bg.threads import JobThreads
 
 __all__ = ["Worker", "WorkerSettings", "backoff_delay"]
 
@@ -115,7 +115,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
-        self._threads: ThreadPoolExecutor | None = None
+        self._threads: JobThreads | None = None
         self._heartbeat: _Heartbeat | None = None
 
     # Control
@@ -133,7 +133,7 @@ class Worker:
         await self._open_backend()
         # Opening may replace a backend that was closed before with a fresh copy.
         self.backend = self.queue.backend
-        self._threads = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="spark-job")
+        self._threads = JobThreads(settings.concurrency, asyncio.get_running_loop())
         self._heartbeat = _Heartbeat(self)
         self._heartbeat.start()
         acker = asyncio.create_task(self._ack_loop())
@@ -151,7 +151,7 @@ class Worker:
             await self._flush_acks_until_done(acker)
             self._heartbeat.stop()
             await self._release_local()
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
             await self.queue.aclose()
             logger.info(
                 "worker %s stopped: %d jobs done, %d failed",
@@ -348,10 +348,12 @@ class Worker:
         started: asyncio.Future[None] = loop.create_future()
 
         def run_in_thread() -> Any:
-            loop.call_soon_threadsafe(_resolve, started)
+            if timeout_s is not None:
+                loop.call_soon_threadsafe(_resolve, started)
             return context.run(run)
 
-        future = loop.run_in_executor(self._threads, run_in_thread)
+        assert self._threads is not None
+        future = self._threads.submit(run_in_thread)
         if timeout_s is not None:
             # The timeout counts from the start of run(), not from the wait for a free thread.
             await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
