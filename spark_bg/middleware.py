@@ -10,9 +10,11 @@ or dropped:
 - the app raised, the response was incomplete, or the status is 400 or more: only the jobs
   pushed with `always=True` are sent.
 
-A failed flush is retried briefly, then logged at ERROR with every job id; it never raises into
-the server. The lifespan opens the backend (an unreachable backend or an invalid URL fails
-startup) and, at shutdown, sends what is left and closes it.
+The request's task hands the jobs to the queue's sender task and ends; jobs of requests that
+finish while a send is in flight go together in its next round trip. A failed flush is retried
+briefly, then logged at ERROR with every job id; it never raises into the server. The lifespan
+opens the backend (an unreachable backend or an invalid URL fails startup) and, at shutdown,
+waits for the sender, sends what is left and closes the backend.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class QueueMiddleware:
         finally:
             Queue.close_buffer(buffer, token)
             if buffer.entries:
-                await _flush(queue, buffer, succeeded, status, scope)
+                _flush(queue, buffer, succeeded, status)
 
     def _configured_queue(self) -> Queue:
         if self.queue is None:
@@ -127,10 +129,8 @@ class QueueMiddleware:
         return None
 
 
-async def _flush(
-    queue: Queue, buffer: Buffer, succeeded: bool, status: int | None, scope: Scope
-) -> None:
-    """Send the request's jobs by the flush policy, and log the ids of those dropped."""
+def _flush(queue: Queue, buffer: Buffer, succeeded: bool, status: int | None) -> None:
+    """Hand the request's jobs to the queue's sender by the flush policy; log those dropped."""
     messages = buffer.messages(succeeded=succeeded)
     dropped = len(buffer.entries) - len(messages)
     if dropped:
@@ -141,7 +141,7 @@ async def _flush(
             " ".join(message.id for message, always in buffer.entries if not always),
         )
     if messages:
-        await queue.send(messages, context=f"during {scope.get('path', 'a request')}")
+        queue.send_soon(messages)
 
 
 def _publish(scope: Scope, queue: Queue) -> None:

@@ -103,6 +103,8 @@ class Queue:
         self._open_lock: asyncio.Lock | None = None
         self._ambient: list[Message] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._soon: list[Message] = []
+        self._soon_task: asyncio.Task[None] | None = None
         self._send_busy = False
         self._send_waiting: list[tuple[Sequence[Message], asyncio.Future[bool]]] = []
         self._sync_sender: _SyncSender | None = None
@@ -257,6 +259,27 @@ class Queue:
         sent = await self.send(messages, context="outside a request")
         if not sent and raise_errors:
             raise BackendError(f"{len(messages)} jobs were not stored; see the error log")
+
+    def send_soon(self, messages: Sequence[Message]) -> None:
+        """Store `messages` from a background task, with the retries and logging of `send`.
+
+        Messages handed over while that task runs go together in its next round trip.
+        `flush()` and `aclose()` wait for the task.
+        """
+        self._soon.extend(messages)
+        if self._soon_task is None:
+            task = asyncio.get_running_loop().create_task(self._send_soon_loop())
+            self._soon_task = task
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_soon_loop(self) -> None:
+        try:
+            while self._soon:
+                batch, self._soon = self._soon, []
+                await self.send(batch, context="after requests")
+        finally:
+            self._soon_task = None
 
     async def send(self, messages: Sequence[Message], *, context: str) -> bool:
         """Store `messages`, retrying briefly; log at ERROR with every job id if that fails.

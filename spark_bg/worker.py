@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 import traceback
 import uuid
@@ -33,6 +32,7 @@ from typing import Any
 
 from spark_bg.backends import Backend, Delivery
 from spark_bg.errors import BackendError, CancelJob, JobLoadError, RetryJob
+from spark_bg.heartbeat import Heartbeat
 from spark_bg.job import (
     Job,
     JobContext,
@@ -116,7 +116,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._stopping = False
         self._threads: JobThreads | None = None
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
 
     # Control
 
@@ -134,7 +134,7 @@ class Worker:
         # Opening may replace a backend that was closed before with a fresh copy.
         self.backend = self.queue.backend
         self._threads = JobThreads(settings.concurrency, asyncio.get_running_loop())
-        self._heartbeat = _Heartbeat(self)
+        self._heartbeat = Heartbeat(self)
         self._heartbeat.start()
         acker = asyncio.create_task(self._ack_loop())
         logger.info(
@@ -569,62 +569,3 @@ class Worker:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-class _Heartbeat:
-    """A thread that renews the worker's leases and recovers jobs of dead workers."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.backend = worker.backend.clone()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="spark-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-    def _main(self) -> None:
-        asyncio.run(self._loop())
-
-    async def _loop(self) -> None:
-        worker = self.worker
-        settings = worker.settings
-        renew_every_s = settings.lease_s / 3
-        next_sweep = time.monotonic() + random.uniform(0, settings.sweep_interval_s)
-        opened = False
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                if not opened:
-                    await self.backend.open()
-                    opened = True
-                held = list(worker.held.values())
-                if held:
-                    lost = await self.backend.renew(worker.worker_id, held, settings.lease_s)
-                    for job_id in lost:
-                        # A job settled meanwhile (done, retried or failed) is not lost.
-                        if job_id in worker.held and job_id not in worker._settling:
-                            logger.warning(
-                                "job %s: lease lost by worker %s; another worker may run it",
-                                job_id,
-                                worker.worker_id,
-                            )
-                if time.monotonic() >= next_sweep:
-                    moved = await self.backend.recover(settings.queues, settings.max_deliveries)
-                    for job_id in moved:
-                        logger.warning(
-                            "job %s: lease expired, recovered from a dead worker", job_id
-                        )
-                    next_sweep = time.monotonic() + settings.sweep_interval_s
-                failures = 0
-            except BackendError as exc:
-                failures += 1
-                logger.warning("heartbeat failed (attempt %d): %s", failures, exc)
-            await asyncio.to_thread(self._stop.wait, renew_every_s if not failures else 1.0)
-        if opened:
-            with contextlib.suppress(Exception):
-                await self.backend.close()

@@ -211,6 +211,7 @@ async def test_flush_failure_logged_not_raised(caplog: pytest.LogCaptureFixture)
     caplog.set_level(logging.WARNING, logger="spark_bg")
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         response = await client.get("/ok")
+    await queue.flush()
     assert response.status_code == 200
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1
@@ -237,6 +238,7 @@ async def test_flush_failure_names_job_ids(caplog: pytest.LogCaptureFixture) -> 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         response = await client.get("/two")
+    await queue.flush()
     assert response.status_code == 200
     message = caplog.records[-1].getMessage()
     assert pushed[0] in message
