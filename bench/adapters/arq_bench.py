@@ -29,9 +29,7 @@ async def pickup(ctx: dict, t_push: float) -> None:
 
 class WorkerSettings:
     functions = (noop, pickup)
-    redis_settings = RedisSettings.from_dsn(
-        os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    redis_settings = RedisSettings.from_dsn(os.environ["BENCH_REDIS_URL"])
 
 
 class System(BaseSystem):

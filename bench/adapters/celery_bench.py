@@ -10,7 +10,7 @@ from adapters import record
 from adapters.base import System as BaseSystem
 from adapters.base import venv_bin
 
-app = Celery("bench", broker=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+app = Celery("bench", broker=os.environ["BENCH_REDIS_URL"])
 app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,

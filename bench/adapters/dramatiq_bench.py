@@ -13,7 +13,7 @@ from adapters.base import venv_bin
 
 QUEUE_NAME = "bench"
 
-broker = RedisBroker(url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+broker = RedisBroker(url=os.environ["BENCH_REDIS_URL"])
 dramatiq.set_broker(broker)
 
 

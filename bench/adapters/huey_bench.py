@@ -10,7 +10,7 @@ from adapters import record
 from adapters.base import System as BaseSystem
 from adapters.base import venv_bin
 
-huey = RedisHuey("bench", url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+huey = RedisHuey("bench", url=os.environ["BENCH_REDIS_URL"])
 
 
 @huey.task()

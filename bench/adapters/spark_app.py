@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 VARIANT = os.environ.get("BENCH_APP_VARIANT", "plain")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ["BENCH_REDIS_URL"]
 
 
 async def noop_task() -> None:

@@ -18,7 +18,7 @@ QUEUE_NAME = "bench"
 BROKERS = {"list": ListQueueBroker, "stream": RedisStreamBroker}
 
 broker = BROKERS[os.environ.get("BENCH_TASKIQ_BROKER", "list")](
-    os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"), queue_name=QUEUE_NAME
+    os.environ["BENCH_REDIS_URL"], queue_name=QUEUE_NAME
 )
 
 
