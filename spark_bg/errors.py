@@ -28,7 +28,7 @@ class ConfigurationError(SparkError):
 class JobStateError(SparkError, TypeError):
     """Job state that cannot be encoded as JSON and decoded back exactly.
 
-    Raised by `push()` inside the caller, so a handler sees it before its response is sent.
+    Raised by `push()` inside the caller, so a handler gets it before its response is sent.
     """
 
     def __init__(self, job_class: str, attribute: str, type_name: str, reason: str) -> None:

@@ -25,7 +25,7 @@ from spark_bg.errors import ConfigurationError, JobLoadError, JobStateError
 
 __all__ = ["Job", "JobContext", "current_job"]
 
-# Envelope format version, so a future layout can be told apart from this one.
+# Envelope format version, so that a reader can recognize a future layout.
 ENVELOPE_VERSION = 1
 
 _registry: dict[str, type[Job]] = {}

@@ -45,7 +45,7 @@ class QueueMiddleware:
         self.error: ConfigurationError | None = None
         self._published_to: Any = None
         # Starlette builds the middleware stack inside the first ASGI call, where an exception
-        # would not fail uvicorn's startup; the error is reported by the lifespan instead.
+        # would not fail uvicorn's startup. So the lifespan reports the error instead.
         try:
             self.queue = queue if isinstance(queue, Queue) else Queue(queue)
         except ConfigurationError as exc:

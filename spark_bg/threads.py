@@ -71,7 +71,7 @@ class JobThreads:
             try:
                 self.loop.call_soon_threadsafe(self._report)
             except RuntimeError:
-                return  # the loop is closed: nobody waits for the outcome any more
+                return  # The loop is closed, so no task awaits the outcome any more.
 
     def _report(self) -> None:
         with self._lock:

@@ -108,12 +108,9 @@ def start_worker(
     return Process([sys.executable, "-m", "spark_bg", target, *options], log_path, env, cwd)
 
 
-def start_uvicorn(
-    target: str, log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPOSITORY
-) -> tuple[Process, str]:
-    """Start uvicorn serving `target` on a free loopback port; return it and its base URL."""
-    port = free_port()
-    args = [
+def uvicorn_command(target: str, port: int) -> list[str]:
+    """Return the command that serves `target` with uvicorn on 127.0.0.1:`port`."""
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -124,7 +121,14 @@ def start_uvicorn(
         str(port),
         "--no-access-log",
     ]
-    process = Process(args, log_path, env, cwd)
+
+
+def start_uvicorn(
+    target: str, log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPOSITORY
+) -> tuple[Process, str]:
+    """Start uvicorn serving `target` on a free loopback port; return it and its base URL."""
+    port = free_port()
+    process = Process(uvicorn_command(target, port), log_path, env, cwd)
     base_url = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:

@@ -16,9 +16,13 @@ from tests.processes import REPOSITORY
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    code = "from spark_bg.cli import jobs; jobs()"
+    """Run `spark-jobs ARGS` and capture its output."""
+    return run_python("-c", "from spark_bg.cli import jobs; jobs()", *args)
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -110,14 +114,7 @@ def test_jobs_unreachable_backend_one_line(tmp_path: Path) -> None:
 
 
 def test_worker_bad_target_one_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "spark_bg", "nosuchmodule:app"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPOSITORY,
-        check=False,
-    )
+    result = run_python("-m", "spark_bg", "nosuchmodule:app")
 
     assert result.returncode == 2
     assert "cannot import module 'nosuchmodule'" in result.stderr
@@ -125,14 +122,7 @@ def test_worker_bad_target_one_line() -> None:
 
 
 def test_worker_bad_url_names_fix() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "spark_bg", "--url", "postgres://127.0.0.1/db"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPOSITORY,
-        check=False,
-    )
+    result = run_python("-m", "spark_bg", "--url", "postgres://127.0.0.1/db")
 
     assert result.returncode == 2
     assert "unknown scheme 'postgres'" in result.stderr

@@ -16,7 +16,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -41,7 +40,7 @@ from tests.e2e_jobs import (
     sample_state,
     state_digest,
 )
-from tests.processes import REPOSITORY, Process, start_worker, wait_for
+from tests.processes import REPOSITORY, Process, start_worker, uvicorn_command, wait_for
 from tests.servers import LOOPBACK, free_port
 
 APP_TARGET = "tests.apps:app"
@@ -80,18 +79,7 @@ class Processes:
     ) -> tuple[Process, str]:
         """Start uvicorn on a free loopback port without waiting, and return it and its base URL."""
         port = free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            target,
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-            "--no-access-log",
-        ]
-        process = Process(args, self._log_path("uvicorn"), env, cwd)
+        process = Process(uvicorn_command(target, port), self._log_path("uvicorn"), env, cwd)
         self.started.append(process)
         return process, f"http://{LOOPBACK}:{port}"
 

@@ -84,7 +84,7 @@ def failed_limits_from_options(url: str, options: dict[str, str]) -> FailedStore
 
 
 def reject_unknown_options(url: str, options: dict[str, str], known: tuple[str, ...]) -> None:
-    """Raise `ConfigurationError` if `options` holds a setting not in `known`."""
+    """Raise `ConfigurationError` if `options` contains a setting not in `known`."""
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ConfigurationError(

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX = "spark"
 
 BLOCK_S = 1.0
-"""Longest single blocking wait; a longer `pop()` timeout loops."""
+"""Maximum seconds of one blocking wait; a longer `pop()` timeout loops over several."""
 
 # redis-py retries a command whose connection failed; keep that short, because the worker and
 # the middleware retry on their own with logging.
@@ -137,7 +137,7 @@ class RedisBackend(Backend):
         )
 
     async def open(self) -> None:
-        """Connect and check the server answers; raise `BackendError` if it does not."""
+        """Connect and PING the server; raise `BackendError` if that fails."""
         if self._client is not None:
             return
         self._client = self._make_client(blocking=False)
@@ -452,7 +452,7 @@ class RedisBackend(Backend):
             if queue not in self._waiters:
                 ready = self.keys(queue)[0]
                 inbox = self.inbox_key(queue, worker_id)
-                # Waits still running from an earlier call are reused: each holds a connection.
+                # Waits still running from an earlier call are reused: each keeps a connection.
                 self._waiters[queue] = asyncio.ensure_future(
                     blocking.execute_command(  # type: ignore[no-untyped-call]
                         "BLMOVE", ready, inbox, "RIGHT", "LEFT", block_s
