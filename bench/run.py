@@ -83,9 +83,19 @@ class Runner:
     # Cases
 
     def run_case(
-        self, spec: plan.SystemSpec, measure: str, repeat: int, jobs: int, extra: list[str]
+        self,
+        spec: plan.SystemSpec,
+        measure: str,
+        repeat: int,
+        jobs: int,
+        extra: list[str],
+        round_index: int | None = None,
     ) -> dict:
-        entry = {"repeat": repeat, "measure": measure, "system": spec.key}
+        entry: dict = {"repeat": repeat, "measure": measure, "system": spec.key}
+        tag = f"r{repeat + 1}"
+        if round_index is not None:
+            entry["round"] = round_index
+            tag += f".{round_index + 1}"
         error = self.env_errors.get(spec.env)
         if error is None and spec.needs_spark and self.spark_error:
             entry.update(ok=False, skipped=True, error=self.spark_error)
@@ -94,14 +104,14 @@ class Runner:
         if error is not None:
             entry.update(ok=False, error=f"environment {spec.env} unavailable: {error}")
             self.runs.append(entry)
-            log(f"r{repeat + 1} {measure:<10} {spec.key:<15} FAILED: {entry['error'][:200]}")
+            log(f"{tag} {measure:<10} {spec.key:<15} FAILED: {entry['error'][:200]}")
             return entry
 
         assert self.server is not None
         self.server.flushall()
         timeout = CASE_TIMEOUTS[measure]
         workdir = tempfile.mkdtemp(prefix="spark-bench-", dir=self.scratch_root)
-        log_path = self.logs_dir / f"r{repeat + 1}-{measure}-{spec.key}.log"
+        log_path = self.logs_dir / f"{tag}-{measure}-{spec.key}.log"
         argv = [
             str(envs.python_path(spec.env)),
             "-m",
@@ -152,12 +162,9 @@ class Runner:
             self.settings[spec.key] = result.pop("settings")
             entry.pop("settings", None)
         self.runs.append(entry)
-        log(
-            f"r{repeat + 1} {measure:<10} {spec.key:<15} {describe(entry)} "
-            f"({entry['wall_s']:.0f} s)"
-        )
+        log(f"{tag} {measure:<10} {spec.key:<15} {describe(entry)} ({entry['wall_s']:.0f} s)")
         for warning in entry.get("warnings", []):
-            log(f"r{repeat + 1} {measure:<10} {spec.key:<15} warning: {warning}")
+            log(f"{tag} {measure:<10} {spec.key:<15} warning: {warning}")
         return entry
 
     def run_reference(self, repeat: int) -> None:
@@ -213,24 +220,28 @@ class Runner:
                 self.run_case(spec, measure, repeat, jobs, extra)
         if "middleware" in measures and (selected is None or "spark_bg" in selected):
             variants = list(plan.MIDDLEWARE_VARIANTS)
-            shift = repeat % len(variants)
             extra = [
                 "--duration",
                 str(sizes.wrk_seconds),
                 "--connections",
                 str(self.args.connections),
             ]
-            for variant in variants[shift:] + variants[:shift]:
-                spec = plan.SystemSpec(
-                    variant,
-                    plan.MIDDLEWARE_LABELS[variant],
-                    envs.PROJECT_ENV,
-                    "adapters.spark_app",
-                    variant,
-                    peer=False,
-                    needs_spark=variant in plan.MIDDLEWARE_NEEDS_SPARK,
-                )
-                self.run_case(spec, "middleware", repeat, 0, extra)
+            # Several rounds per repeat, each running every variant back to back: wrk's
+            # figures on a shared machine drift by several percent, and the ratios pair each
+            # variant with the no-middleware app of the same round.
+            for round_index in range(sizes.middleware_rounds):
+                shift = (repeat * sizes.middleware_rounds + round_index) % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    spec = plan.SystemSpec(
+                        variant,
+                        plan.MIDDLEWARE_LABELS[variant],
+                        envs.PROJECT_ENV,
+                        "adapters.spark_app",
+                        variant,
+                        peer=False,
+                        needs_spark=variant in plan.MIDDLEWARE_NEEDS_SPARK,
+                    )
+                    self.run_case(spec, "middleware", repeat, 0, extra, round_index)
 
 
 def spark_source_digest() -> str:

@@ -20,12 +20,13 @@ waits for the sender, sends what is left and closes the backend.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spark_bg.errors import ConfigurationError, SparkError
-from spark_bg.queue import Buffer, Queue
+from spark_bg.queue import Buffer, Queue, buffer_var
 
 __all__ = ["QueueMiddleware"]
 
@@ -52,25 +53,24 @@ class QueueMiddleware:
             self.error = exc
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan":
-            await self._lifespan(scope, receive, send)
+        if scope["type"] != "http":
+            await self._call_other(scope, receive, send)
             return
-        queue = self._configured_queue()
-        app = scope.get("app")
-        if app is not self._published_to:
-            _publish(scope, queue)
-            self._published_to = app
-        if kind != "http":
-            # Websockets and other scopes get no buffer: their pushes are sent at once.
-            await self.app(scope, receive, send)
-            return
+        queue = self.queue
+        if queue is None:
+            queue = self._configured_queue()
+        if scope.get("app") is not self._published_to:
+            self._published_to = _publish(scope, queue)
 
-        buffer, token = queue.open_buffer()
-        status: int | None = None
+        buffer = Buffer(queue)
+        token = buffer_var.set(buffer)
+        status = 0
         complete = False
 
-        async def send_and_watch(message: Message) -> None:
+        # A plain function that returns the server's awaitable: an `async def` wrapper would
+        # add a coroutine to every message the app sends. This code runs on every request,
+        # so it is kept to the few steps the flush policy needs.
+        def send_and_watch(message: Message) -> Awaitable[None]:
             nonlocal status, complete
             message_type = message["type"]
             if message_type == "http.response.start":
@@ -79,16 +79,26 @@ class QueueMiddleware:
                 complete = not message.get("more_body", False)
             elif message_type == "http.response.pathsend":
                 complete = True
-            await send(message)
+            return send(message)
 
         succeeded = False
         try:
             await self.app(scope, receive, send_and_watch)
-            succeeded = complete and status is not None and status < 400
+            succeeded = complete and 0 < status < 400
         finally:
-            Queue.close_buffer(buffer, token)
+            buffer.closed = True
+            buffer_var.reset(token)
             if buffer.entries:
-                _flush(queue, buffer, succeeded, status)
+                _flush(queue, buffer, succeeded, status or None)
+
+    async def _call_other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        queue = self._configured_queue()
+        self._published_to = _publish(scope, queue)
+        # Websockets and other scopes get no buffer: their pushes are sent at once.
+        await self.app(scope, receive, send)
 
     def _configured_queue(self) -> Queue:
         if self.queue is None:
@@ -131,22 +141,27 @@ class QueueMiddleware:
 
 def _flush(queue: Queue, buffer: Buffer, succeeded: bool, status: int | None) -> None:
     """Hand the request's jobs to the queue's sender by the flush policy; log those dropped."""
-    messages = buffer.messages(succeeded=succeeded)
-    dropped = len(buffer.entries) - len(messages)
+    if succeeded:
+        queue.send_soon(buffer.entries)
+        return
+    kept = buffer.always
+    kept_objects = {id(message) for message in kept}
+    dropped = [message.id for message in buffer.entries if id(message) not in kept_objects]
     if dropped:
         logger.info(
             "dropped %d jobs of a failed request (status %s): %s",
-            dropped,
+            len(dropped),
             status,
-            " ".join(message.id for message, always in buffer.entries if not always),
+            " ".join(dropped),
         )
-    if messages:
-        queue.send_soon(messages)
+    if kept:
+        queue.send_soon(kept)
 
 
-def _publish(scope: Scope, queue: Queue) -> None:
-    """Make the queue reachable as `request.app.state.queue`."""
+def _publish(scope: Scope, queue: Queue) -> Any:
+    """Make the queue reachable as `request.app.state.queue`; return the app."""
     app: Any = scope.get("app")
     state = getattr(app, "state", None)
     if state is not None and getattr(state, "queue", None) is not queue:
         state.queue = queue
+    return app

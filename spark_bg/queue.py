@@ -50,21 +50,23 @@ SYNC_SEND_TIMEOUT_S = 30.0
 class Buffer:
     """Jobs pushed within one request or one job run, sent together by one `flush()`."""
 
-    __slots__ = ("closed", "entries", "owner")
+    __slots__ = ("always", "closed", "entries", "owner")
 
     def __init__(self, owner: Queue) -> None:
         self.owner = owner
-        self.entries: list[tuple[Message, bool]] = []
+        self.entries: list[Message] = []
+        """Every job pushed, in push order."""
+        self.always: list[Message] = []
+        """The jobs pushed with `always=True`, which are sent even after a failure."""
         self.closed = False
 
     def messages(self, *, succeeded: bool) -> list[Message]:
         """Return the messages to send: all of them, or only `always` ones after a failure."""
-        if succeeded:
-            return [message for message, _ in self.entries]
-        return [message for message, always in self.entries if always]
+        return self.entries if succeeded else self.always
 
 
-_current_buffer: contextvars.ContextVar[Buffer | None] = contextvars.ContextVar(
+# The buffer that `push()` adds to in the current context; `QueueMiddleware` sets it per request.
+buffer_var: contextvars.ContextVar[Buffer | None] = contextvars.ContextVar(
     "spark_bg_buffer", default=None
 )
 
@@ -177,18 +179,12 @@ class Queue:
         `always=True` sends it even when the request fails. `job_id` sets the id: pushing an
         id that is still pending stores nothing new.
         """
-        message = self.build_message(
-            job,
-            queue=queue,
-            delay=delay,
-            run_at=run_at,
-            job_id=job_id,
-            max_attempts=max_attempts,
-            timeout_s=timeout_s,
-        )
-        buffer = _current_buffer.get()
+        message = _build_message(job, queue, delay, run_at, job_id, max_attempts, timeout_s)
+        buffer = buffer_var.get()
         if buffer is not None and buffer.owner is self and not buffer.closed:
-            buffer.entries.append((message, always))
+            buffer.entries.append(message)
+            if always:
+                buffer.always.append(message)
             return message.id
         try:
             loop = asyncio.get_running_loop()
@@ -221,25 +217,7 @@ class Queue:
         timeout_s: float | None = None,
     ) -> Message:
         """Validate and encode `job` into the message that the backend stores."""
-        exclusive = job_id is not None
-        if job_id is None:
-            job_id = new_job_id()
-        elif not isinstance(job_id, str) or not 1 <= len(job_id) <= 200 or "\0" in job_id:
-            raise ValueError(
-                f"invalid job_id {job_id!r}: use a string of 1 to 200 characters without NUL"
-            )
-        envelope = build_envelope(
-            job, job_id, queue=queue, max_attempts=max_attempts, timeout_s=timeout_s
-        )
-        delay_s = _delay_seconds(delay, run_at)
-        return Message(
-            id=job_id,
-            queue=envelope["queue"],
-            payload=encoding.dumps(envelope),
-            delay_s=delay_s,
-            run_at=run_at.timestamp() if run_at is not None else None,
-            exclusive=exclusive,
-        )
+        return _build_message(job, queue, delay, run_at, job_id, max_attempts, timeout_s)
 
     async def flush(self) -> None:
         """Send the jobs pushed outside a request and wait until they are stored.
@@ -362,13 +340,13 @@ class Queue:
     def open_buffer(self) -> tuple[Buffer, contextvars.Token[Buffer | None]]:
         """Make a fresh buffer the target of `push()` in the current context."""
         buffer = Buffer(self)
-        return buffer, _current_buffer.set(buffer)
+        return buffer, buffer_var.set(buffer)
 
     @staticmethod
     def close_buffer(buffer: Buffer, token: contextvars.Token[Buffer | None]) -> None:
         """Stop `buffer` taking pushes and restore the previous target."""
         buffer.closed = True
-        _current_buffer.reset(token)
+        buffer_var.reset(token)
 
     # Failed jobs and counts
 
@@ -391,6 +369,39 @@ class Queue:
         """Return the number of jobs of `queue` in each state."""
         await self.open()
         return await self.backend.counts(queue)
+
+
+def _build_message(
+    job: Job,
+    queue: str | None,
+    delay: float | dt.timedelta | None,
+    run_at: dt.datetime | None,
+    job_id: str | None,
+    max_attempts: int | None,
+    timeout_s: float | None,
+) -> Message:
+    # Positional parameters: `push()` runs this on every request, where keywords cost time.
+    if job_id is None:
+        envelope = build_envelope(job, new_job_id(), queue, max_attempts, timeout_s)
+        exclusive = False
+    elif isinstance(job_id, str) and 1 <= len(job_id) <= 200 and "\0" not in job_id:
+        envelope = build_envelope(job, job_id, queue, max_attempts, timeout_s)
+        exclusive = True
+    else:
+        raise ValueError(
+            f"invalid job_id {job_id!r}: use a string of 1 to 200 characters without NUL"
+        )
+    payload = encoding.dumps(envelope)
+    if delay is None and run_at is None:
+        return Message(envelope["id"], envelope["queue"], payload, None, None, exclusive)
+    return Message(
+        envelope["id"],
+        envelope["queue"],
+        payload,
+        _delay_seconds(delay, run_at),
+        run_at.timestamp() if run_at is not None else None,
+        exclusive,
+    )
 
 
 def _delay_seconds(delay: float | dt.timedelta | None, run_at: dt.datetime | None) -> float | None:
@@ -450,7 +461,7 @@ class _SyncSender:
 
 def current_buffer() -> Buffer | None:
     """Return the buffer `push()` currently adds to, if any."""
-    return _current_buffer.get()
+    return buffer_var.get()
 
 
 def current_queue() -> Queue | None:
@@ -459,5 +470,5 @@ def current_queue() -> Queue | None:
     Inside a job run by the worker, `current_queue().push(...)` sends follow-up jobs once
     `run()` returned without raising.
     """
-    buffer = _current_buffer.get()
+    buffer = buffer_var.get()
     return buffer.owner if buffer is not None else None

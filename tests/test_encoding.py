@@ -10,8 +10,10 @@ import collections
 import enum
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta, timezone
@@ -24,7 +26,7 @@ import pytest
 
 from spark_bg import encoding
 from spark_bg.errors import JobLoadError, JobStateError
-from spark_bg.job import Job, JobLoader, build_envelope, parse_envelope
+from spark_bg.job import Job, JobLoader, build_envelope, new_job_id, parse_envelope
 from tests.jobs import InitRaisesJob, StateJob
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -308,6 +310,54 @@ def test_envelope_rejects_missing_run() -> None:
 
     assert caught.value.job_class == f"{MODULE}:NoRunJob"
     assert "run()" in str(caught.value)
+
+
+def test_envelope_rejects_missing_run_on_every_push() -> None:
+    for _ in range(2):
+        with pytest.raises(JobStateError) as caught:
+            build_envelope(NoRunJob(), uuid.uuid4().hex)
+
+        assert "run()" in str(caught.value)
+
+
+def test_new_job_ids_unique_across_threads() -> None:
+    per_thread = 5000
+    results: list[list[str]] = []
+
+    def take() -> None:
+        results.append([new_job_id() for _ in range(per_thread)])
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [job_id for chunk in results for job_id in chunk]
+
+    assert len(ids) == 8 * per_thread
+    assert len(set(ids)) == len(ids)
+    assert all(len(job_id) == 32 for job_id in ids)
+    assert all(set(job_id) <= set("0123456789abcdef") for job_id in ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_new_job_ids_differ_in_forked_child() -> None:
+    new_job_id()  # The parent now holds ids read ahead.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.write(write_end, " ".join(new_job_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_ids = set(pipe.read().decode().split())
+    _, status = os.waitpid(pid, 0)
+    parent_ids = {new_job_id() for _ in range(100)}
+
+    assert status == 0
+    assert len(child_ids) == 100
+    assert not child_ids & parent_ids
 
 
 def test_envelope_rejects_non_job() -> None:

@@ -33,20 +33,19 @@ async def background(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok", background=BackgroundTask(noop_task))
 
 
-async def push(request: Request) -> PlainTextResponse:
-    from adapters.spark_jobs import NoopJob
-
-    request.app.state.queue.push(NoopJob())
-    return PlainTextResponse("ok")
-
-
 def build_app(variant: str) -> Starlette:
     if variant == "plain":
         return Starlette(routes=[Route("/", plain)])
     if variant == "background":
         return Starlette(routes=[Route("/", background)])
 
+    # Imported here, once, so that the variants without spark_bg never load it.
     import spark_bg
+    from adapters.spark_jobs import NoopJob
+
+    async def push(request: Request) -> PlainTextResponse:
+        request.app.state.queue.push(NoopJob())
+        return PlainTextResponse("ok")
 
     middleware = [Middleware(spark_bg.QueueMiddleware, queue=REDIS_URL)]
     if variant == "middleware":

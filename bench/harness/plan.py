@@ -174,6 +174,8 @@ class Sizes:
     memory_second: int
     peer_memory_second: int
     wrk_seconds: float
+    # Rounds of the middleware variants within each repeat; each round is one paired sample.
+    middleware_rounds: int
     redis_benchmark_requests: int
     # Smaller counts for configurations known to be very slow, per measure.
     slow_jobs: dict[str, dict[str, int]]
@@ -191,6 +193,7 @@ FULL = Sizes(
     memory_second=100_000,
     peer_memory_second=100_000,
     wrk_seconds=5.0,
+    middleware_rounds=3,
     redis_benchmark_requests=50_000,
     slow_jobs={
         "drain": {"rq-simple": 2_000, "rq-fork": 500, "arq": 2_000},
@@ -209,6 +212,7 @@ QUICK = Sizes(
     memory_second=5_000,
     peer_memory_second=0,
     wrk_seconds=2.0,
+    middleware_rounds=1,
     redis_benchmark_requests=10_000,
     slow_jobs={
         "drain": {"rq-simple": 300, "rq-fork": 100, "arq": 300},

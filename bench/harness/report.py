@@ -72,10 +72,12 @@ def _values_by_repeat(runs: list[dict]) -> dict:
                     run["repeat"]
                 ] = value
             continue
+        # Middleware runs carry a round within their repeat; each round is one sample.
+        sample = run["repeat"] if "round" not in run else f"{run['repeat']}.{run['round']}"
         for metric, _ in METRICS.get(measure, []):
             if metric in run:
                 table.setdefault(measure, {}).setdefault(system, {}).setdefault(metric, {})[
-                    run["repeat"]
+                    sample
                 ] = run[metric]
     return table
 
@@ -455,6 +457,15 @@ def render_tables(results: dict) -> list[str]:
     lines += _table(["worker", "jobs", "RSS first MB", "RSS second MB", "growth MB"], rows)
 
     lines += ["", "### Middleware cost (uvicorn, one process, wrk on loopback)", ""]
+    plain = _get(results, "middleware", "plain", "rps")
+    if plain is not None:
+        rounds = results["meta"]["sizes"].get("middleware_rounds", 1)
+        lines += [
+            f"Requests per second, median (min-max) of {plain['n']} samples "
+            f"({rounds} rounds per repeat); each ratio pairs a variant with the "
+            "no-middleware app of the same round.",
+            "",
+        ]
     rows = []
     for variant in plan.MIDDLEWARE_VARIANTS:
         stats = _get(results, "middleware", variant, "rps")
@@ -534,7 +545,10 @@ machine swing from run to run, so the ratios are the figures to compare.
   runs 1 s of warm-up, then {wrk_seconds:g} s of load. The variants are: no middleware;
   QueueMiddleware without a push; QueueMiddleware with one
   `request.app.state.queue.push(NoopJob())` per request; no middleware with one no-op async
-  Starlette BackgroundTask per response. After the push variant the run compares the jobs
+  Starlette BackgroundTask per response. Each repeat runs the four variants back to back in
+  {middleware_rounds} rounds, and each round gives one sample: its ratios divide by the
+  no-middleware figure of the same round, since wrk's figures on a shared machine drift by
+  several percent from minute to minute. After the push variant the run compares the jobs
   stored in Redis with the requests served.
 - **ceiling**: raw redis-py in the project's environment (asyncio client unless noted, 64-byte
   payload) and `redis-benchmark -t lpush,rpop -n {redis_benchmark_requests:,}` with 1 client,
@@ -622,6 +636,7 @@ def _render_method(meta: dict) -> list[str]:
         memory_second=sizes["memory_second"],
         connections=meta["wrk_connections"],
         wrk_seconds=sizes["wrk_seconds"],
+        middleware_rounds=sizes.get("middleware_rounds", 1),
         redis_benchmark_requests=sizes["redis_benchmark_requests"],
         slow=slow,
     )

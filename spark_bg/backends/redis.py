@@ -4,11 +4,10 @@ Each change is one Lua script on one queue's keys (see `redis_scripts`), so it i
 stays in one cluster slot. A flush is one round trip whatever the number of jobs; a worker takes
 up to `count` jobs per round trip.
 
-Waiting for jobs uses `BLMOVE ready ready RIGHT RIGHT`, which blocks until the list has an
-element and then moves it from the tail back to the tail: it returns at once when a job arrives
-but takes nothing. The claim script then takes the jobs. A wait cut short (cancelled, timed out,
-connection lost) therefore never loses a job, and the block lasts at most
-`BLOCK_S` seconds, well under redis-py's default 5 s socket timeout.
+An idle worker waits with `BLMOVE ready inbox`, which moves the next job into a list of the
+worker's own; the worker starts that job at once and its next claim takes it from the inbox. A
+wait cut short (cancelled, timed out, connection lost) therefore never loses a job, and the
+block lasts at most `BLOCK_S` seconds, well under redis-py's default 5 s socket timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -278,7 +278,9 @@ class RedisBackend(Backend):
                     connection = pool.make_connection()  # type: ignore[no-untyped-call]
                     self._push_connection = connection
                 try:
-                    command = connection.pack_command("LPUSH", key, *items)
+                    # hiredis packs the bytes items in C; redis-py's own packer checks each
+                    # argument in Python first. (hiredis's stub types the argument as a 1-tuple.)
+                    command = hiredis.pack_command(("LPUSH", key, *items))  # type: ignore[arg-type]
                     await connection.send_packed_command(command, check_health=False)
                     await connection.read_response()
                     return
