@@ -16,6 +16,7 @@ from typing import Any
 __all__ = ["JobThreads"]
 
 _Outcome = tuple[asyncio.Future[Any], bool, Any]
+_Submitted = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
 
 
 class JobThreads:
@@ -23,7 +24,7 @@ class JobThreads:
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._submitted: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None]
+        self._submitted: queue.SimpleQueue[_Submitted | None]
         self._submitted = queue.SimpleQueue()
         self._finished: list[_Outcome] = []
         self._report_pending = False
@@ -35,10 +36,10 @@ class JobThreads:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, function: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Run `function` in a thread; the future gets its result or exception."""
+    def submit(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run `function(*args)` in a thread; the future gets its result or exception."""
         future: asyncio.Future[Any] = self.loop.create_future()
-        self._submitted.put((future, function))
+        self._submitted.put((future, function, args))
         return future
 
     def shutdown(self) -> None:
@@ -58,9 +59,9 @@ class JobThreads:
             item = self._submitted.get()
             if item is None:
                 return
-            future, function = item
+            future, function, args = item
             try:
-                outcome: _Outcome = (future, True, function())
+                outcome: _Outcome = (future, True, function(*args))
             except BaseException as exc:  # the awaiting job task handles it
                 outcome = (future, False, exc)
             with self._lock:

@@ -80,6 +80,17 @@ class WorkerSettings:
     """Packages job classes may be imported from."""
 
 
+CLAIM_GATHER_S = 0.0005
+"""Seconds a claim waits while jobs run and fewer than half the slots are free, so that one
+round trip fills several slots. An idle worker claims at once."""
+
+ACK_GATHER_S = 0.0005
+"""Seconds the acknowledgement of fewer than `ACK_GATHER_COUNT` jobs waits while other jobs
+run, so that one round trip acknowledges several."""
+
+ACK_GATHER_COUNT = 8
+
+
 def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
     """Return the delay before retrying after failed `attempt` (1 for the first run).
 
@@ -195,15 +206,7 @@ class Worker:
                     self._start(self._local.popleft())
                 wanted = capacity - len(self._running) - len(self._local)
                 if pop_task is None and wanted > 0:
-                    pop_task = asyncio.create_task(
-                        self.backend.pop(
-                            settings.queues,
-                            self.worker_id,
-                            count=wanted,
-                            lease_s=settings.lease_s,
-                            timeout_s=0.0 if settings.burst else 1.0,
-                        )
-                    )
+                    pop_task = asyncio.create_task(self._fetch(capacity, wanted))
                 self._slot_freed.clear()
                 waiting: set[asyncio.Future[Any]] = {stop_wait}
                 if pop_task is not None:
@@ -239,6 +242,23 @@ class Worker:
                     for delivery in deliveries:
                         self.held[delivery.id] = delivery
                     self._local.extend(deliveries)
+
+    async def _fetch(self, capacity: int, wanted: int) -> list[Delivery]:
+        settings = self.settings
+        if self._running and wanted * 2 < settings.concurrency:
+            # Few slots are free and jobs are running: wait a moment for more to finish, so
+            # that one round trip claims jobs for several slots.
+            await asyncio.sleep(CLAIM_GATHER_S)
+            wanted = capacity - len(self._running) - len(self._local)
+            if wanted <= 0:
+                return []
+        return await self.backend.pop(
+            settings.queues,
+            self.worker_id,
+            count=wanted,
+            lease_s=settings.lease_s,
+            timeout_s=0.0 if settings.burst else 1.0,
+        )
 
     async def _pause_after_failure(self, what: str, failures: int, exc: Exception) -> None:
         delay_s = min(self.settings.reconnect_max_s, 0.25 * 2 ** (failures - 1))
@@ -343,30 +363,37 @@ class Worker:
         if cls.run_in_process:
             await run_in_child(delivery.payload, tuple(self.loader.packages), timeout_s)
             return
-        loop = asyncio.get_running_loop()
+        assert self._threads is not None
         context = contextvars.copy_context()
+        if timeout_s is None:
+            result = await self._threads.submit(context.run, run)
+        else:
+            result = await self._run_in_thread_with_timeout(context, run, timeout_s)
+        if result is not None and inspect.isawaitable(result):
+            async with asyncio.timeout(timeout_s):
+                await result
+
+    async def _run_in_thread_with_timeout(
+        self, context: contextvars.Context, run: Any, timeout_s: float
+    ) -> Any:
+        assert self._threads is not None
+        loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
 
         def run_in_thread() -> Any:
-            if timeout_s is not None:
-                loop.call_soon_threadsafe(_resolve, started)
+            loop.call_soon_threadsafe(_resolve, started)
             return context.run(run)
 
-        assert self._threads is not None
         future = self._threads.submit(run_in_thread)
-        if timeout_s is not None:
-            # The timeout counts from the start of run(), not from the wait for a free thread.
-            await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
+        # The timeout counts from the start of run(), not from the wait for a free thread.
+        await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
         try:
-            result = await asyncio.wait_for(future, timeout_s)
+            return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             raise TimeoutError(
                 f"timed out after {timeout_s} s; the thread running it cannot be stopped and "
                 "goes on in the background (set run_in_process = True to kill it instead)"
             ) from None
-        if inspect.isawaitable(result):
-            async with asyncio.timeout(timeout_s):
-                await result
 
     async def _after_failure(
         self,
@@ -477,6 +504,10 @@ class Worker:
                 await self._ack_wakeup.wait()
                 self._ack_wakeup.clear()
                 continue
+            if len(self._to_ack) < ACK_GATHER_COUNT and self._running and not self._acks_closing:
+                # More jobs are about to finish: wait a moment so that one round trip
+                # acknowledges several.
+                await asyncio.sleep(ACK_GATHER_S)
             batch, self._to_ack = self._to_ack, []
             self._settling.update(delivery.id for delivery in batch)
             try:

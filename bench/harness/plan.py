@@ -193,7 +193,7 @@ FULL = Sizes(
     memory_second=100_000,
     peer_memory_second=100_000,
     wrk_seconds=5.0,
-    middleware_rounds=3,
+    middleware_rounds=5,
     redis_benchmark_requests=50_000,
     slow_jobs={
         "drain": {"rq-simple": 2_000, "rq-fork": 500, "arq": 2_000},
