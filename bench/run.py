@@ -226,9 +226,9 @@ class Runner:
                 "--connections",
                 str(self.args.connections),
             ]
-            # Several rounds per repeat, each running every variant back to back: wrk's
-            # figures on a shared machine drift by several percent, and the ratios pair each
-            # variant with the no-middleware app of the same round.
+            # Each round runs every variant back to back, and its ratios pair each variant
+            # with the no-middleware app of the same round. wrk's figures on a shared machine
+            # drift by several percent, so several rounds per repeat narrow the median.
             for round_index in range(sizes.middleware_rounds):
                 shift = (repeat * sizes.middleware_rounds + round_index) % len(variants)
                 for variant in variants[shift:] + variants[:shift]:

@@ -67,9 +67,9 @@ class QueueMiddleware:
         status = 0
         complete = False
 
-        # A plain function that returns the server's awaitable: an `async def` wrapper would
-        # add a coroutine to every message the app sends. This code runs on every request,
-        # so it is kept to the few steps the flush policy needs.
+        # A plain function that returns the server's awaitable, because an `async def` wrapper
+        # would add a coroutine to every message the app sends. This code runs on every
+        # request, so it keeps to the few steps that the flush policy needs.
         def send_and_watch(message: Message) -> Awaitable[None]:
             nonlocal status, complete
             message_type = message["type"]
@@ -144,9 +144,9 @@ def _flush(queue: Queue, buffer: Buffer, succeeded: bool, status: int | None) ->
     if succeeded:
         queue.send_soon(buffer.entries)
         return
-    kept = buffer.always
-    kept_objects = {id(message) for message in kept}
-    dropped = [message.id for message in buffer.entries if id(message) not in kept_objects]
+    always = buffer.always
+    always_objects = {id(message) for message in always}
+    dropped = [message.id for message in buffer.entries if id(message) not in always_objects]
     if dropped:
         logger.info(
             "dropped %d jobs of a failed request (status %s): %s",
@@ -154,12 +154,12 @@ def _flush(queue: Queue, buffer: Buffer, succeeded: bool, status: int | None) ->
             status,
             " ".join(dropped),
         )
-    if kept:
-        queue.send_soon(kept)
+    if always:
+        queue.send_soon(always)
 
 
 def _publish(scope: Scope, queue: Queue) -> Any:
-    """Make the queue reachable as `request.app.state.queue`; return the app."""
+    """Make the queue reachable as `request.app.state.queue`, and return the app."""
     app: Any = scope.get("app")
     state = getattr(app, "state", None)
     if state is not None and getattr(state, "queue", None) is not queue:

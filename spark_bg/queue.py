@@ -65,7 +65,7 @@ class Buffer:
         return self.entries if succeeded else self.always
 
 
-# The buffer that `push()` adds to in the current context; `QueueMiddleware` sets it per request.
+# The buffer that `push()` adds to in the current context. `QueueMiddleware` sets one per request.
 buffer_var: contextvars.ContextVar[Buffer | None] = contextvars.ContextVar(
     "spark_bg_buffer", default=None
 )

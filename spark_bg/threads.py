@@ -37,7 +37,7 @@ class JobThreads:
             thread.start()
 
     def submit(self, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Run `function(*args)` in a thread; the future gets its result or exception."""
+        """Run `function(*args)` in a thread and return a future for its result or exception."""
         future: asyncio.Future[Any] = self.loop.create_future()
         self._submitted.put((future, function, args))
         return future

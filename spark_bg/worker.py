@@ -246,8 +246,8 @@ class Worker:
     async def _fetch(self, capacity: int, wanted: int) -> list[Delivery]:
         settings = self.settings
         if self._running and wanted * 2 < settings.concurrency:
-            # Few slots are free and jobs are running: wait a moment for more to finish, so
-            # that one round trip claims jobs for several slots.
+            # Few slots are free while jobs run. Waiting a moment for more to finish lets one
+            # round trip claim jobs for several slots.
             await asyncio.sleep(CLAIM_GATHER_S)
             wanted = capacity - len(self._running) - len(self._local)
             if wanted <= 0:
@@ -505,8 +505,8 @@ class Worker:
                 self._ack_wakeup.clear()
                 continue
             if len(self._to_ack) < ACK_GATHER_COUNT and self._running and not self._acks_closing:
-                # More jobs are about to finish: wait a moment so that one round trip
-                # acknowledges several.
+                # Other jobs are about to finish. Waiting a moment lets one round trip
+                # acknowledge several.
                 await asyncio.sleep(ACK_GATHER_S)
             batch, self._to_ack = self._to_ack, []
             self._settling.update(delivery.id for delivery in batch)

@@ -342,7 +342,7 @@ def test_new_job_ids_unique_across_threads() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_new_job_ids_differ_in_forked_child() -> None:
-    new_job_id()  # The parent now holds ids read ahead.
+    new_job_id()  # The parent has now read ids ahead.
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -174,7 +174,7 @@ class Sizes:
     memory_second: int
     peer_memory_second: int
     wrk_seconds: float
-    # Rounds of the middleware variants within each repeat; each round is one paired sample.
+    # Rounds of the middleware variants within each repeat. Each round is one paired sample.
     middleware_rounds: int
     redis_benchmark_requests: int
     # Smaller counts for configurations known to be very slow, per measure.

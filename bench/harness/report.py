@@ -72,7 +72,7 @@ def _values_by_repeat(runs: list[dict]) -> dict:
                     run["repeat"]
                 ] = value
             continue
-        # Middleware runs carry a round within their repeat; each round is one sample.
+        # Middleware runs carry a round within their repeat, and each round is one sample.
         sample = run["repeat"] if "round" not in run else f"{run['repeat']}.{run['round']}"
         for metric, _ in METRICS.get(measure, []):
             if metric in run:
@@ -546,8 +546,8 @@ machine swing from run to run, so the ratios are the figures to compare.
   QueueMiddleware without a push; QueueMiddleware with one
   `request.app.state.queue.push(NoopJob())` per request; no middleware with one no-op async
   Starlette BackgroundTask per response. Each repeat runs the four variants back to back in
-  {middleware_rounds} rounds, and each round gives one sample: its ratios divide by the
-  no-middleware figure of the same round, since wrk's figures on a shared machine drift by
+  {middleware_rounds} rounds, and each round gives one sample. Its ratios divide by the
+  no-middleware figure of the same round, because wrk's figures on a shared machine drift by
   several percent from minute to minute. After the push variant the run compares the jobs
   stored in Redis with the requests served.
 - **ceiling**: raw redis-py in the project's environment (asyncio client unless noted, 64-byte

@@ -278,8 +278,8 @@ class RedisBackend(Backend):
                     connection = pool.make_connection()  # type: ignore[no-untyped-call]
                     self._push_connection = connection
                 try:
-                    # hiredis packs the bytes items in C; redis-py's own packer checks each
-                    # argument in Python first. (hiredis's stub types the argument as a 1-tuple.)
+                    # hiredis packs the items in C, while redis-py's own packer checks each
+                    # argument in Python first. hiredis's type stub declares a 1-tuple.
                     command = hiredis.pack_command(("LPUSH", key, *items))  # type: ignore[arg-type]
                     await connection.send_packed_command(command, check_health=False)
                     await connection.read_response()
