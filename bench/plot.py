@@ -183,9 +183,12 @@ def main(results_path: str, output_path: str) -> None:
     repeats = (
         f"median of {meta['repeat']} interleaved repeats" if meta["repeat"] > 1 else "one repeat"
     )
+    rounds = meta["sizes"].get("middleware_rounds", 1)
+    if rounds > 1:
+        repeats += f" ({rounds} rounds each for the middleware)"
     figure.suptitle(
         "spark_bg (orange), peer job queues (blue) and raw redis-py (grey) as a ratio to the "
-        "best peer; right of the black line is better than the best peer; "
+        "best peer; right of the black line is better than the best peer\n"
         f"dashed: spark_bg's target; {repeats}",
         fontsize=12,
     )
