@@ -428,12 +428,16 @@ def render_tables(results: dict) -> list[str]:
         rows,
     )
 
+    if results["meta"]["sizes"].get("peer_memory_second", 1):
+        peers_note = "Peers are measured in the first repeat only."
+    else:
+        peers_note = "This mode skips the peers' memory measurement."
     lines += [
         "",
         "### Worker memory",
         "",
         "Resident memory (VmRSS summed over the worker process and its children) after the "
-        "first and the second job count; peers are measured in the first repeat only.",
+        f"first and the second job count. {peers_note}",
         "",
     ]
     rows = []
