@@ -26,7 +26,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spark_bg.errors import ConfigurationError, SparkError
-from spark_bg.queue import Buffer, Queue, buffer_var
+from spark_bg.queue import Buffer, Queue
 
 __all__ = ["QueueMiddleware"]
 
@@ -62,8 +62,7 @@ class QueueMiddleware:
         if scope.get("app") is not self._published_to:
             self._published_to = _publish(scope, queue)
 
-        buffer = Buffer(queue)
-        token = buffer_var.set(buffer)
+        buffer, token = queue.open_buffer()
         status = 0
         complete = False
 
@@ -86,8 +85,7 @@ class QueueMiddleware:
             await self.app(scope, receive, send_and_watch)
             succeeded = complete and 0 < status < 400
         finally:
-            buffer.closed = True
-            buffer_var.reset(token)
+            Queue.close_buffer(buffer, token)
             if buffer.entries:
                 _flush(queue, buffer, succeeded, status or None)
 
@@ -97,7 +95,7 @@ class QueueMiddleware:
             return
         queue = self._configured_queue()
         self._published_to = _publish(scope, queue)
-        # Websockets and other scopes get no buffer: their pushes are sent at once.
+        # Websockets and other scopes get no buffer, so their pushes are sent at once.
         await self.app(scope, receive, send)
 
     def _configured_queue(self) -> Queue:

@@ -66,7 +66,7 @@ class Buffer:
 
 
 # The buffer that `push()` adds to in the current context. `QueueMiddleware` sets one per request.
-buffer_var: contextvars.ContextVar[Buffer | None] = contextvars.ContextVar(
+_current_buffer: contextvars.ContextVar[Buffer | None] = contextvars.ContextVar(
     "spark_bg_buffer", default=None
 )
 
@@ -180,7 +180,7 @@ class Queue:
         id that is still pending stores nothing new.
         """
         message = _build_message(job, queue, delay, run_at, job_id, max_attempts, timeout_s)
-        buffer = buffer_var.get()
+        buffer = _current_buffer.get()
         if buffer is not None and buffer.owner is self and not buffer.closed:
             buffer.entries.append(message)
             if always:
@@ -340,13 +340,13 @@ class Queue:
     def open_buffer(self) -> tuple[Buffer, contextvars.Token[Buffer | None]]:
         """Make a fresh buffer the target of `push()` in the current context."""
         buffer = Buffer(self)
-        return buffer, buffer_var.set(buffer)
+        return buffer, _current_buffer.set(buffer)
 
     @staticmethod
     def close_buffer(buffer: Buffer, token: contextvars.Token[Buffer | None]) -> None:
         """Stop `buffer` taking pushes and restore the previous target."""
         buffer.closed = True
-        buffer_var.reset(token)
+        _current_buffer.reset(token)
 
     # Failed jobs and counts
 
@@ -381,23 +381,18 @@ def _build_message(
     timeout_s: float | None,
 ) -> Message:
     # Positional parameters: `push()` runs this on every request, where keywords cost time.
+    exclusive = job_id is not None
     if job_id is None:
-        envelope = build_envelope(job, new_job_id(), queue, max_attempts, timeout_s)
-        exclusive = False
-    elif isinstance(job_id, str) and 1 <= len(job_id) <= 200 and "\0" not in job_id:
-        envelope = build_envelope(job, job_id, queue, max_attempts, timeout_s)
-        exclusive = True
-    else:
+        job_id = new_job_id()
+    elif not isinstance(job_id, str) or not 1 <= len(job_id) <= 200 or "\0" in job_id:
         raise ValueError(
             f"invalid job_id {job_id!r}: use a string of 1 to 200 characters without NUL"
         )
-    payload = encoding.dumps(envelope)
-    if delay is None and run_at is None:
-        return Message(envelope["id"], envelope["queue"], payload, None, None, exclusive)
+    envelope = build_envelope(job, job_id, queue, max_attempts, timeout_s)
     return Message(
-        envelope["id"],
+        job_id,
         envelope["queue"],
-        payload,
+        encoding.dumps(envelope),
         _delay_seconds(delay, run_at),
         run_at.timestamp() if run_at is not None else None,
         exclusive,
@@ -461,7 +456,7 @@ class _SyncSender:
 
 def current_buffer() -> Buffer | None:
     """Return the buffer `push()` currently adds to, if any."""
-    return buffer_var.get()
+    return _current_buffer.get()
 
 
 def current_queue() -> Queue | None:
@@ -470,5 +465,5 @@ def current_queue() -> Queue | None:
     Inside a job run by the worker, `current_queue().push(...)` sends follow-up jobs once
     `run()` returned without raising.
     """
-    buffer = buffer_var.get()
+    buffer = _current_buffer.get()
     return buffer.owner if buffer is not None else None

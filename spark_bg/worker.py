@@ -204,9 +204,9 @@ class Worker:
             while not self._stopping:
                 while self._local and len(self._running) < settings.concurrency:
                     self._start(self._local.popleft())
-                wanted = capacity - len(self._running) - len(self._local)
-                if pop_task is None and wanted > 0:
-                    pop_task = asyncio.create_task(self._fetch(capacity, wanted))
+                free = capacity - len(self._running) - len(self._local)
+                if pop_task is None and free > 0:
+                    pop_task = asyncio.create_task(self._fetch(capacity, free))
                 self._slot_freed.clear()
                 waiting: set[asyncio.Future[Any]] = {stop_wait}
                 if pop_task is not None:
@@ -243,19 +243,20 @@ class Worker:
                         self.held[delivery.id] = delivery
                     self._local.extend(deliveries)
 
-    async def _fetch(self, capacity: int, wanted: int) -> list[Delivery]:
+    async def _fetch(self, capacity: int, free: int) -> list[Delivery]:
+        """Claim jobs for the `free` slots, after a short wait when few are free."""
         settings = self.settings
-        if self._running and wanted * 2 < settings.concurrency:
+        if self._running and free * 2 < settings.concurrency:
             # Few slots are free while jobs run. Waiting a moment for more to finish lets one
             # round trip claim jobs for several slots.
             await asyncio.sleep(CLAIM_GATHER_S)
-            wanted = capacity - len(self._running) - len(self._local)
-            if wanted <= 0:
+            free = capacity - len(self._running) - len(self._local)
+            if free <= 0:
                 return []
         return await self.backend.pop(
             settings.queues,
             self.worker_id,
-            count=wanted,
+            count=free,
             lease_s=settings.lease_s,
             timeout_s=0.0 if settings.burst else 1.0,
         )
