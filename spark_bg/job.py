@@ -95,7 +95,8 @@ _CHECKED_QUEUE_NAMES_MAX = 1024
 
 def check_queue_name(name: str) -> str:
     """Return `name` if it can be a queue name, else raise `ConfigurationError`."""
-    if name in _checked_queue_names:
+    # The type check comes first, because an unhashable value would make the lookup raise.
+    if isinstance(name, str) and name in _checked_queue_names:
         return name
     if not isinstance(name, str) or not _QUEUE_NAME.match(name):
         raise ConfigurationError(

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from spark_bg import encoding
-from spark_bg.errors import JobLoadError, JobStateError
+from spark_bg.errors import ConfigurationError, JobLoadError, JobStateError
 from spark_bg.job import Job, JobLoader, build_envelope, new_job_id, parse_envelope
 from tests.jobs import InitRaisesJob, StateJob
 
@@ -358,6 +358,22 @@ def test_new_job_ids_differ_in_forked_child() -> None:
     assert status == 0
     assert len(child_ids) == 100
     assert not child_ids & parent_ids
+
+
+@pytest.mark.parametrize("name", ["", "two words", "x" * 201, "tab\tname", 5, ["default"]])
+def test_envelope_rejects_invalid_queue(name: Any) -> None:
+    for _ in range(2):
+        with pytest.raises(ConfigurationError) as caught:
+            build_envelope(StateJob(1), uuid.uuid4().hex, queue=name)
+
+        assert repr(name) in str(caught.value)
+
+
+def test_envelope_accepts_queue_again() -> None:
+    for _ in range(2):
+        envelope = build_envelope(StateJob(1), uuid.uuid4().hex, queue="emails.high-1")
+
+        assert envelope["queue"] == "emails.high-1"
 
 
 def test_envelope_rejects_non_job() -> None:
